@@ -1,0 +1,193 @@
+"""fairseq's `transformer_lm_megatron_11b` as a Flax (linen) module.
+
+What it computes (../shared/REFERENCE.md, Architecture):
+    x = sqrt(d) * E[tokens] + sinusoid(positions)          positions = cumsum(tokens != pad) + pad
+    for each layer:  x = x + Attn(LN1(x));  x = x + fc2(gelu(fc1(LN2(x))))      (pre-LN, eps 1e-5)
+    logits = LN_final(x) @ E^T                               (tied embedding, no output bias)
+
+No parallelism logic lives here: every parameter and activation carries *logical* axis names
+(`vocab`, `embed`, `heads`, `mlp`, `layers`, `activation_*`) and `m11b_jax.sharding` maps them to mesh axes
+in one table. Weights use Flax's [in, out] kernel layout (fairseq's nn.Linear is [out, in]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from m11b_jax.config import ModelConfig, parse_dtype_flag
+
+# Logical names of activations. The sharding table decides what each maps to.
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+SEQ = "activation_seq"  # the sequence axis inside a tensor-parallel region (never sharded)
+HEADS, KV, MLP, VOCAB = "activation_heads", "activation_kv", "activation_mlp", "activation_vocab"
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing but the layer input; recompute the whole layer in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections, not scores
+}
+
+
+def fairseq_positions(tokens: jax.Array, pad_idx: int) -> jax.Array:
+    """fairseq's `make_positions`: first real token gets pad+1 (=2), pads get pad (=1)."""
+    mask = (tokens != pad_idx).astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask + pad_idx
+
+
+def sinusoidal_embedding(positions: jax.Array, dim: int, pad_idx: int) -> jax.Array:
+    """fairseq's SinusoidalPositionalEmbedding: [sin | cos] halves, f_i = exp(-i ln(1e4) / (d/2 - 1)); pad row 0."""
+    half = dim // 2
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = positions.astype(jnp.float32)[..., None] * freqs
+    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return jnp.where((positions == pad_idx)[..., None], 0.0, emb)
+
+
+def _dense(features, axes, cfg: ModelConfig, name: str, init=nn.initializers.xavier_uniform()):
+    return nn.Dense(
+        features,
+        dtype=parse_dtype_flag(cfg.compute_dtype),
+        param_dtype=parse_dtype_flag(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+        name=name,
+    )
+
+
+def _layer_norm(cfg: ModelConfig, name: str):
+    # Statistics and output in fp32 whatever the compute dtype; callers cast.
+    return nn.LayerNorm(
+        epsilon=cfg.layernorm_eps,
+        dtype=jnp.float32,
+        param_dtype=parse_dtype_flag(cfg.param_dtype),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention; q/k/v column-parallel over heads, out_proj row-parallel."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, key_mask, deterministic: bool):
+        cfg = self.cfg
+        b, t, d = x.shape
+        h, hd = cfg.num_heads, cfg.head_dim
+
+        def heads(y):
+            return nn.with_logical_constraint(y.reshape(b, t, h, hd), (BATCH, SEQ, HEADS, KV))
+
+        q = heads(_dense(d, ("embed", "heads"), cfg, "q_proj")(x) * (hd ** -0.5))  # scaled after its bias
+        k = heads(_dense(d, ("embed", "heads"), cfg, "k_proj")(x))
+        v = heads(_dense(d, ("embed", "heads"), cfg, "v_proj")(x))
+
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        allowed = causal[None, None] & key_mask[:, None, None, :]
+        # A finite minimum (not -inf) keeps fully masked rows (pad queries) finite.
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV)).reshape(b, t, d)
+        return _dense(d, ("heads", "embed"), cfg, "out_proj")(out)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-LayerNorm transformer block. Called as a scan body: (carry, broadcast) -> (carry, None)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, key_mask, deterministic: bool):
+        cfg = self.cfg
+        cdt = parse_dtype_flag(cfg.compute_dtype)
+        residual = (BATCH, LENGTH, EMBED)
+        x = nn.with_logical_constraint(x, residual)
+
+        h = _layer_norm(cfg, "self_attn_layer_norm")(x).astype(cdt)
+        h = SelfAttention(cfg, name="self_attn")(h, key_mask, deterministic)
+        h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
+
+        h = _layer_norm(cfg, "final_layer_norm")(x).astype(cdt)
+        h = _dense(cfg.ffn_dim, ("embed", "mlp"), cfg, "fc1")(h)
+        h = nn.with_logical_constraint(h, (BATCH, SEQ, MLP))
+        h = jax.nn.gelu(h.astype(jnp.float32), approximate=False).astype(cdt)  # exact erf GELU in fp32
+        h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
+        h = _dense(cfg.d_model, ("mlp", "embed"), cfg, "fc2")(h)
+        h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
+        return x, None
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only LM. `__call__(tokens) -> logits [batch, length, vocab]` (fp32 when params are fp32)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = self.param(
+            "embed_tokens",
+            nn.with_logical_partitioning(self._embed_init, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model),
+            parse_dtype_flag(cfg.param_dtype),
+        )
+        layer = DecoderLayer
+        if cfg.remat_policy != "none":
+            layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False,
+                             static_argnums=(3,))
+        # Always a scan, so the parameter tree is the same stacked [layers, ...] tree; `scan_layers=False`
+        # unrolls the loop in the compiled program (faster for tiny CPU models, slower to compile).
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            unroll=1 if cfg.scan_layers else cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        self.layer_norm = _layer_norm(cfg, "layer_norm")
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _embed_init(self, key, shape, dtype):
+        # fairseq: N(0, d^-0.5) with the padding row zeroed.
+        w = jax.random.normal(key, shape, dtype) * (shape[1] ** -0.5)
+        return w.at[self.cfg.pad_idx].set(0)
+
+    def hidden_states(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Final-LayerNorm output [batch, length, d] (fp32)."""
+        cfg = self.cfg
+        cdt = parse_dtype_flag(cfg.compute_dtype)
+        tokens = nn.with_logical_constraint(tokens, (BATCH, SEQ))
+        key_mask = tokens != cfg.pad_idx
+        emb = jnp.take(self.embed_tokens, tokens, axis=0).astype(jnp.float32)
+        pos = sinusoidal_embedding(fairseq_positions(tokens, cfg.pad_idx), cfg.d_model, cfg.pad_idx)
+        x = nn.with_logical_constraint(math.sqrt(cfg.d_model) * emb + pos, (BATCH, LENGTH, EMBED))
+        x = self.dropout(x, deterministic=deterministic)
+        # The residual stream is carried in fp32 when params are fp32 (bf16 only inside matmuls).
+        x = nn.with_logical_constraint(x.astype(jnp.promote_types(cdt, parse_dtype_flag(cfg.param_dtype))),
+                                       (BATCH, LENGTH, EMBED))
+        x, _ = self.layers(x, key_mask, deterministic)
+        return self.layer_norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Tied output projection: hidden @ E^T, vocab-parallel (each model shard makes its vocab slice)."""
+        cdt = parse_dtype_flag(self.cfg.compute_dtype)
+        hidden = nn.with_logical_constraint(hidden.astype(cdt), (BATCH, SEQ, EMBED))
+        out = jnp.einsum("btd,vd->btv", hidden, self.embed_tokens.astype(cdt),
+                         preferred_element_type=jnp.float32 if cdt == jnp.float32 else cdt)
+        return nn.with_logical_constraint(out, (BATCH, SEQ, VOCAB))
+
+    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        return self.logits(self.hidden_states(tokens, deterministic))
+
