@@ -1,0 +1,93 @@
+"""Where each fairseq (PyTorch) weight lives in our parameter tree, and how the release split it over ranks.
+
+fairseq names (prefix `decoder.`) map to our tree paths; fairseq's nn.Linear weights are [out, in], ours [in, out].
+Layer tensors are stacked on a leading `layers` axis in our tree (one entry per fairseq `layers.{i}` key).
+`SPLIT_DIM` says along which fairseq dimension the model-parallel ranks hold contiguous blocks
+(None: replicated on every rank), per ../shared/REFERENCE.md's shard table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    fairseq: str  # fairseq key without `decoder.` and, for layer tensors, without `layers.{i}.`
+    ours: tuple[str, ...]  # path in our params tree
+    per_layer: bool
+    transpose: bool  # fairseq [out, in] <-> our [in, out]
+    split_dim: int | None  # fairseq dim split across model-parallel ranks; None = replicated
+
+
+ENTRIES: tuple[Entry, ...] = (
+    Entry("embed_tokens.weight", ("embed_tokens",), False, False, 0),  # vocab-parallel rows
+    Entry("layer_norm.weight", ("layer_norm", "scale"), False, False, None),
+    Entry("layer_norm.bias", ("layer_norm", "bias"), False, False, None),
+    *(Entry(f"self_attn.{p}_proj.weight", ("layers", "self_attn", f"{p}_proj", "kernel"), True, True, 0)
+      for p in "qkv"),  # column-parallel
+    *(Entry(f"self_attn.{p}_proj.bias", ("layers", "self_attn", f"{p}_proj", "bias"), True, False, 0)
+      for p in "qkv"),
+    Entry("self_attn.out_proj.weight", ("layers", "self_attn", "out_proj", "kernel"), True, True, 1),  # row-parallel
+    Entry("self_attn.out_proj.bias", ("layers", "self_attn", "out_proj", "bias"), True, False, None),
+    Entry("fc1.weight", ("layers", "fc1", "kernel"), True, True, 0),
+    Entry("fc1.bias", ("layers", "fc1", "bias"), True, False, 0),
+    Entry("fc2.weight", ("layers", "fc2", "kernel"), True, True, 1),
+    Entry("fc2.bias", ("layers", "fc2", "bias"), True, False, None),
+    *(Entry(f"{ln}.{w}", ("layers", ln, o), True, False, None)
+      for ln in ("self_attn_layer_norm", "final_layer_norm") for w, o in (("weight", "scale"), ("bias", "bias"))),
+)
+
+# Keys that carry no weights.
+BOOKKEEPING = re.compile(r"^decoder\.(version|embed_positions\._float_tensor)$")
+LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def fairseq_key(entry: Entry, layer: int | None = None) -> str:
+    return f"decoder.layers.{layer}.{entry.fairseq}" if entry.per_layer else f"decoder.{entry.fairseq}"
+
+
+def entry_for_key(key: str) -> tuple[Entry, int | None] | None:
+    """(entry, layer index) for a fairseq state-dict key, or None for an unknown key."""
+    m = LAYER_KEY.match(key)
+    name, layer = (m.group(2), int(m.group(1))) if m else (key.removeprefix("decoder."), None)
+    for e in ENTRIES:
+        if e.fairseq == name and e.per_layer == (layer is not None):
+            return e, layer
+    return None
+
+
+def get_path(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def to_fairseq_state_dict(params, num_layers: int) -> dict[str, np.ndarray]:
+    """Our (host, unsharded) params -> fairseq's merged state dict of numpy arrays (test and export helper)."""
+    out = {}
+    for e in ENTRIES:
+        arr = np.asarray(get_path(params, e.ours))
+        for i in range(num_layers) if e.per_layer else [None]:
+            a = arr[i] if e.per_layer else arr
+            out[fairseq_key(e, i)] = np.ascontiguousarray(a.T if e.transpose else a)
+    return out
+
+
+def from_fairseq_state_dict(state: dict, num_layers: int) -> dict:
+    """fairseq's merged state dict (numpy arrays) -> our params tree (host numpy, stacked layers)."""
+    params: dict = {}
+    for e in ENTRIES:
+        def ours(a):
+            a = np.asarray(a)
+            return a.T if e.transpose else a
+        value = (np.stack([ours(state[fairseq_key(e, i)]) for i in range(num_layers)]) if e.per_layer
+                 else ours(state[fairseq_key(e)]))
+        node = params
+        for p in e.ours[:-1]:
+            node = node.setdefault(p, {})
+        node[e.ours[-1]] = value
+    return params
