@@ -1,0 +1,147 @@
+"""Ahead-of-time compile of the real-size train step, without allocating it: memory, collectives, FLOPs.
+
+The step is lowered from abstract inputs (ShapeDtypeStructs carrying shardings) and compiled for the
+devices of the mesh: 8 simulated CPU devices, or a GPU described by a target description (no GPU needed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from m11b_jax import sharding as S
+from m11b_jax.config import ModelConfig, analytic_train_flops
+from m11b_jax.errors import UserError
+from m11b_jax.train_step import OptimConfig, abstract_train_state, batch_shardings, make_train_step
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+.*\{\s*$")
+_WHILE_BODY = re.compile(r"\bwhile\(.*?body=%?([\w.\-]+)")
+
+
+def _group_size(line: str) -> int | None:
+    """Devices per replica group of a collective, from any of XLA's printed forms (None: unknown)."""
+    m = re.search(r"replica_groups=\{(\{[^}]*\}(?:,\{[^}]*\})*)\}", line)
+    if m:
+        return max(len(g.split(",")) for g in re.findall(r"\{([^}]*)\}", m.group(1)))
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+    if m:
+        return int(m.group(2))
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if m:
+        sizes = dict((k.strip("'"), int(v)) for k, v in re.findall(r"('?[\w]+'?)=(\d+)", m.group(1)))
+        size = 1
+        for axis in re.findall(r"'?(\w+)'?", m.group(2)):
+            size *= sizes.get(axis, 1)
+        return size
+    return None
+
+
+def _result_shapes(shape: str) -> list[str]:
+    return re.findall(r"\w+\[[\d,]*\]", shape)
+
+
+def collectives(hlo_text: str, split_loops: bool = False) -> dict:
+    """Per collective kind: instruction `count` and distinct result `shapes`; no-op (1-device) groups are skipped.
+
+    With split_loops, returns {"loop_bodies": ..., "outside": ...}: collectives inside while-loop bodies (the
+    scanned layer stack, forward and backward) versus the rest of the program.
+    """
+    bodies = set(_WHILE_BODY.findall(hlo_text))
+    empty = lambda: {k: {"count": 0, "shapes": []} for k in COLLECTIVES}  # noqa: E731
+    out = {"loop_bodies": empty(), "outside": empty()}
+    comp = None
+    for line in hlo_text.splitlines():
+        m = _COMP.match(line.strip())
+        if m and "=" not in line.split("{")[0]:
+            comp = m.group(1)
+            continue
+        m = _OP.search(line)
+        if not m or _group_size(line) == 1:
+            continue
+        where = out["loop_bodies" if comp in bodies else "outside"][m.group(2)]
+        where["count"] += 1
+        for s in _result_shapes(m.group(1)):
+            if s not in where["shapes"]:
+                where["shapes"].append(s)
+    if split_loops:
+        return out
+    merged = empty()
+    for part in out.values():
+        for k, v in part.items():
+            merged[k]["count"] += v["count"]
+            merged[k]["shapes"] += [s for s in v["shapes"] if s not in merged[k]["shapes"]]
+    return merged
+
+
+def memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    args, outs, temps = m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes
+    alias = getattr(m, "alias_size_in_bytes", 0)
+    return {"arguments": args, "outputs": outs, "temporaries": temps, "aliased": alias,
+            "total": args + outs - alias + temps, "generated_code": m.generated_code_size_in_bytes}
+
+
+def compile_train_step(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample: int, update_freq: int = 1,
+                       sequence_parallel: bool = False, ocfg: OptimConfig | None = None,
+                       criterion: str = "vocab_parallel_cross_entropy"):
+    """Lower and compile the train step for `mesh` from abstract inputs. batch_size is per data replica."""
+    ocfg = ocfg or OptimConfig()
+    rules = S.logical_rules(sequence_parallel=sequence_parallel)
+    state = abstract_train_state(cfg, mesh, rules, ocfg)
+    global_batch = batch_size * mesh.shape[S.DATA]
+    bs = batch_shardings(mesh)
+    batch = {k: jax.ShapeDtypeStruct((update_freq, global_batch, tokens_per_sample), jnp.int32, sharding=bs[k])
+             for k in ("source", "target")}
+    step = make_train_step(cfg, mesh, rules, ocfg, criterion=criterion)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def compile_report(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample: int, update_freq: int = 1,
+                   sequence_parallel: bool = False, ocfg: OptimConfig | None = None, target: str | None = None,
+                   criterion: str = "vocab_parallel_cross_entropy") -> dict:
+    """The JSON-able report printed by `python -m m11b_jax.train --compile-only`."""
+    compiled, secs = compile_train_step(cfg, mesh, batch_size=batch_size, tokens_per_sample=tokens_per_sample,
+                                        update_freq=update_freq, sequence_parallel=sequence_parallel, ocfg=ocfg,
+                                        criterion=criterion)
+    global_tokens = batch_size * mesh.shape[S.DATA] * tokens_per_sample * update_freq
+    return {
+        "arch": cfg.name,
+        "params": cfg.num_params(),
+        "mesh": S.describe(mesh),
+        "target": target or mesh.devices.flat[0].platform,
+        "batch_size_per_replica": batch_size,
+        "tokens_per_sample": tokens_per_sample,
+        "update_freq": update_freq,
+        "tokens_per_step": global_tokens,
+        "per_device_bytes": memory(compiled),
+        "collectives": collectives(compiled.as_text()),
+        "flops_per_step": analytic_train_flops(cfg, global_tokens // tokens_per_sample, tokens_per_sample),
+        "flops_formula": "6*N_matmul*tokens + 3*(4*L*T*d*tokens)  (N_matmul = L*(4d^2+2*d*ffn) + V*d; "
+                         "attention QK^T and PV at 2 FLOPs/MAC, forward x3 for fwd+bwd; remat recompute excluded)",
+        "compile_s": round(secs, 2),
+        "remat_policy": cfg.remat_policy,
+        "sequence_parallel": sequence_parallel,
+        "param_dtype": cfg.param_dtype,
+        "compute_dtype": cfg.compute_dtype,
+    }
+
+
+def check_fits(report: dict, device_memory_gb: float) -> None:
+    total = report["per_device_bytes"]["total"]
+    if total > device_memory_gb * 2**30:
+        raise UserError(
+            f"the train step needs {total / 2**30:.2f} GiB per device, more than --device-memory-gb "
+            f"{device_memory_gb:g}: raise --model-parallel-size, lower --batch-size, use --remat-policy full "
+            "or enable --sequence-parallel")
+
+
+def dumps(report: dict) -> str:
+    return json.dumps(report, indent=2)
