@@ -71,8 +71,9 @@ def init_train_state(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, see
         params = flax.linen.unbox(TransformerLM(cfg).init(key, jnp.zeros((1, 8), jnp.int32)))["params"]
         return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
 
+    shardings = state_shardings(cfg, mesh, rules)
     with S.activate(mesh, rules):
-        return jax.jit(_init, out_shardings=state_shardings(cfg, mesh, rules))(jax.random.key(seed))
+        return jax.jit(_init, out_shardings=shardings)(jax.random.key(seed))
 
 
 def state_from_params(params, ocfg: OptimConfig, shardings: TrainState) -> TrainState:
