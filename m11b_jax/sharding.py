@@ -98,7 +98,10 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh, rules):
 
     This one tree is the init target, the converter's target and the checkpoint restore target.
     """
-    shapes = nn.unbox(_boxed_abstract(cfg))["params"]
+    boxed = _boxed_abstract(cfg)["params"]
+    # Take the values out of their boxes without applying constraints (this runs outside any trace).
+    shapes = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
     shardings = logical_to_sharding(param_logical_specs(cfg), mesh, rules)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
