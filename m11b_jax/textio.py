@@ -12,11 +12,13 @@ from typing import IO, Iterator
 from .errors import UserError
 
 
-def iter_lines(path: str | os.PathLike) -> Iterator[str]:
+def iter_lines(path: str | os.PathLike, start: int = 0, end: int | None = None) -> Iterator[str]:
     """Lines of a UTF-8 text file ('-' = stdin) without their line ends.
 
     Lines end at '\\n', '\\r\\n' or a lone '\\r', as in Python's text mode (what fairseq reads
     with). Bytes that are not UTF-8 raise a UserError naming the file and the line number.
+    `start`/`end` restrict reading to a byte range that starts at a line start (see
+    `line_aligned_offsets`); the range holds the lines that start before `end`.
     """
     name = "<stdin>" if str(path) == "-" else str(path)
     try:
@@ -28,10 +30,17 @@ def iter_lines(path: str | os.PathLike) -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         if stream is not sys.stdin.buffer:
             stack.enter_context(stream)
+            stream.seek(start)
+        position = start
         for lineno, raw in enumerate(stream, start=1):
+            if end is not None and position >= end:
+                break
+            position += len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
+                if start:
+                    lineno += _count_newlines(path, start)
                 raise UserError(
                     f"{name} line {lineno} is not UTF-8 (byte {e.start} of the line is {raw[e.start]:#04x}): "
                     "convert the file to UTF-8, e.g. with iconv"
@@ -44,6 +53,33 @@ def iter_lines(path: str | os.PathLike) -> Iterator[str]:
                 yield from line.split("\r")
             else:
                 yield line
+
+
+def line_aligned_offsets(path: str | os.PathLike, pieces: int) -> list[int]:
+    """Byte offsets [0, ..., file size] cutting the file into about `pieces` ranges of whole lines."""
+    size = os.path.getsize(path)
+    offsets = [0]
+    with open(path, "rb") as f:
+        for k in range(1, pieces):
+            f.seek(size * k // pieces)
+            if f.tell() > 0:
+                f.seek(f.tell() - 1)
+                f.readline()  # to the start of the next line
+            if f.tell() > offsets[-1] and f.tell() < size:
+                offsets.append(f.tell())
+    return offsets + [size]
+
+
+def _count_newlines(path: str | os.PathLike, end: int) -> int:
+    count, left = 0, end
+    with open(path, "rb") as f:
+        while left > 0:
+            block = f.read(min(left, 1 << 24))
+            if not block:
+                break
+            count += block.count(b"\n")
+            left -= len(block)
+    return count
 
 
 @contextlib.contextmanager
@@ -75,11 +111,11 @@ def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
-def default_file_mode() -> int:
-    """Permissions a new file would get from open(): 0o666 minus the umask (mkstemp gives 0o600)."""
+def default_file_mode(directory: bool = False) -> int:
+    """Permissions open() / mkdir() would give: 0o666 / 0o777 minus the umask (mkstemp gives 0o600)."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def worker_pool(workers: int, initializer=None, initargs=()):
