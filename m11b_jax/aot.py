@@ -20,7 +20,6 @@ from m11b_jax.train_step import OptimConfig, abstract_train_state, batch_shardin
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+.*\{\s*$")
 _WHILE_BODY = re.compile(r"\bwhile\(.*?body=%?([\w.\-]+)")
 
 
@@ -46,36 +45,41 @@ def _result_shapes(shape: str) -> list[str]:
     return re.findall(r"\w+\[[\d,]*\]", shape)
 
 
+def _empty() -> dict:
+    return {k: {"count": 0, "shapes": []} for k in COLLECTIVES}
+
+
+def _add(into: dict, kind: str, shapes: list[str], count: int = 1) -> None:
+    into[kind]["count"] += count
+    into[kind]["shapes"] += [s for s in shapes if s not in into[kind]["shapes"]]
+
+
 def collectives(hlo_text: str, split_loops: bool = False) -> dict:
     """Per collective kind: instruction `count` and distinct result `shapes`; no-op (1-device) groups are skipped.
 
-    With split_loops, returns {"loop_bodies": ..., "outside": ...}: collectives inside while-loop bodies (the
-    scanned layer stack, forward and backward) versus the rest of the program.
+    With split_loops, returns {"loop_bodies": {body name: per-kind dict}, "outside": per-kind dict}: the
+    collectives inside each while-loop body (the scanned layer stack's forward and backward loops) apart
+    from the rest of the program.
     """
     bodies = set(_WHILE_BODY.findall(hlo_text))
-    empty = lambda: {k: {"count": 0, "shapes": []} for k in COLLECTIVES}  # noqa: E731
-    out = {"loop_bodies": empty(), "outside": empty()}
+    per_body: dict = {}
+    outside = _empty()
     comp = None
     for line in hlo_text.splitlines():
-        m = _COMP.match(line.strip())
-        if m and "=" not in line.split("{")[0]:
-            comp = m.group(1)
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):  # a computation's header
+            comp = line.split()[0].lstrip("%") if not line.startswith("ENTRY") else "ENTRY"
             continue
         m = _OP.search(line)
         if not m or _group_size(line) == 1:
             continue
-        where = out["loop_bodies" if comp in bodies else "outside"][m.group(2)]
-        where["count"] += 1
-        for s in _result_shapes(m.group(1)):
-            if s not in where["shapes"]:
-                where["shapes"].append(s)
+        where = per_body.setdefault(comp, _empty()) if comp in bodies else outside
+        _add(where, m.group(2), _result_shapes(m.group(1)))
     if split_loops:
-        return out
-    merged = empty()
-    for part in out.values():
+        return {"loop_bodies": per_body, "outside": outside}
+    merged = _empty()
+    for part in [outside, *per_body.values()]:
         for k, v in part.items():
-            merged[k]["count"] += v["count"]
-            merged[k]["shapes"] += [s for s in v["shapes"] if s not in merged[k]["shapes"]]
+            _add(merged, k, v["shapes"], v["count"])
     return merged
 
 

@@ -1,0 +1,108 @@
+"""Megatron sharding invariants: the vocab-parallel loss, the collectives of the compiled step, the real size."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from m11b_jax import aot
+from m11b_jax import sharding as S
+from m11b_jax.config import load_config
+from m11b_jax.errors import UserError
+from m11b_jax.loss import vocab_parallel_cross_entropy
+
+PAD = 1
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (1, 1)])
+def test_vocab_parallel_loss_equals_optax_value_and_gradient(shape):
+    data, model = shape
+    mesh = S.make_mesh(model, jax.devices()[: data * model])
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((4, 16, 64)) * 4, jnp.float32)
+    targets = rng.integers(0, 64, (4, 16))
+    targets[0, 10:] = PAD
+    targets[3, :3] = PAD
+    targets = jnp.asarray(targets, jnp.int32)
+
+    def ref(lg):
+        nll = optax.softmax_cross_entropy_with_integer_labels(lg, targets)
+        return jnp.where(targets != PAD, nll, 0.0).sum()
+
+    def ours(lg):
+        return vocab_parallel_cross_entropy(lg, targets, mesh, PAD)[0]
+
+    sharded = jax.device_put(logits, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model")))
+    value, grad = jax.jit(jax.value_and_grad(ours))(sharded)
+    ref_value, ref_grad = jax.value_and_grad(ref)(logits)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
+    assert int(vocab_parallel_cross_entropy(sharded, targets, mesh, PAD)[1]) == int((targets != PAD).sum())
+
+
+def _compile_tiny(policy, sequence_parallel, layers=4):
+    cfg = load_config("tiny", remat_policy=policy, num_layers=layers)
+    compiled, _ = aot.compile_train_step(cfg, S.make_mesh(8), batch_size=4, tokens_per_sample=64,
+                                         sequence_parallel=sequence_parallel)
+    return cfg, compiled.as_text()
+
+
+@pytest.mark.parametrize("policy, backward_all_reduces", [("none", 2), ("full", 3)])
+def test_train_step_collectives_follow_megatron(policy, backward_all_reduces):
+    """All-reduces per scanned layer body on a pure model-parallel (1, 8) mesh, without sequence parallelism:
+
+    forward body: 2 -- after the row-parallel out_proj and after the row-parallel fc2 (Megatron's `g`).
+    backward body: 2 -- the input gradients of the column-parallel q/k/v (one combined all-reduce) and of fc1
+      (Megatron's `f`), plus with remat 'full' 1 recompute: out_proj's all-reduce is recomputed because fc1's
+      input (LN2 of the attention output) is needed; fc2's recomputed all-reduce is dead and removed.
+    outside the layers: 5 -- the vocab-parallel embedding lookup (masked local gather, then sum), the loss's
+      all-reduce max and its all-reduce sum (sum of exp and target logit, combined), the logits' backward
+      (hidden-state gradient is a partial sum over vocab shards), and the gradient norm's partial sums.
+    No all-gather at all: no weight and no logits are ever gathered.
+    """
+    cfg, hlo = _compile_tiny(policy, sequence_parallel=False)
+    split = aot.collectives(hlo, split_loops=True)
+    bodies = sorted(b["all-reduce"]["count"] for b in split["loop_bodies"].values() if b["all-reduce"]["count"])
+    assert bodies == sorted([2, backward_all_reduces])
+    assert split["outside"]["all-reduce"]["count"] == 5
+    total = aot.collectives(hlo)
+    assert total["all-gather"]["count"] == 0
+    assert total["all-to-all"]["count"] == 0 and total["collective-permute"]["count"] == 0
+
+
+def test_sequence_parallel_gathers_only_activations():
+    cfg, hlo = _compile_tiny("full", sequence_parallel=True)
+    gathers = aot.collectives(hlo)["all-gather"]
+    assert gathers["count"] > 0
+    d, v, ffn = cfg.d_model, cfg.vocab_size, cfg.ffn_dim
+    for shape in gathers["shapes"]:
+        dims = [int(x) for x in shape[shape.index("[") + 1:-1].split(",") if x]
+        assert v not in dims, f"logits or embedding gathered: {shape}"
+        assert ffn not in dims, f"an FFN weight or activation gathered: {shape}"
+        assert dims[:2] == [4, 64], f"not a [batch, length, ...] activation: {shape}"
+
+
+def test_collective_parser_reads_xla_group_forms():
+    line = "%a = f32[4,8]{1,0} all-reduce(%x), replica_groups={{0},{1},{2}}, to_apply=%add"
+    assert aot._group_size(line) == 1
+    assert aot._group_size("%a = f32[2] all-gather(%x), replica_groups=[2,4]<=[8], dimensions={0}") == 4
+    assert aot._group_size("%a = f32[2] all-reduce(%x), replica_groups=mesh['a'=2,'b'=4] {'b'}") == 4
+    text = "ENTRY %main {\n  %a = f32[4,8]{1,0} all-reduce(%x), replica_groups={{0,1}}\n}\n"
+    assert aot.collectives(text)["all-reduce"] == {"count": 1, "shapes": ["f32[4,8]"]}
+
+
+def test_full_size_train_step_compiles_and_fits_80gb():
+    """The release (11.03B params) on a (1, 8) mesh at 8 x 1024 tokens, compiled from abstract inputs."""
+    cfg = load_config("transformer_lm_megatron_11b", compute_dtype="bfloat16")
+    report = aot.compile_report(cfg, S.make_mesh(8), batch_size=8, tokens_per_sample=1024, sequence_parallel=True)
+    assert report["params"] == cfg.num_params() and abs(report["params"] - 11.03e9) < 0.01e9
+    mem = report["per_device_bytes"]
+    # Params + two Adam moments (fp32) are arguments, 1/8 each per device.
+    assert mem["arguments"] >= 3 * 4 * cfg.num_params() / 8
+    assert mem["total"] <= 80 * 2**30
+    aot.check_fits(report, 80)
+    with pytest.raises(UserError, match="--device-memory-gb"):
+        aot.check_fits(report, 16)
+    gathers = report["collectives"]["all-gather"]["shapes"]
+    assert all("51200" not in s and "6400" not in s for s in gathers)  # never logits or the embedding
