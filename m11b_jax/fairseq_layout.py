@@ -41,9 +41,15 @@ ENTRIES: tuple[Entry, ...] = (
       for ln in ("self_attn_layer_norm", "final_layer_norm") for w, o in (("weight", "scale"), ("bias", "bias"))),
 )
 
-# Keys that carry no weights.
-BOOKKEEPING = re.compile(r"^decoder\.(version|embed_positions\._float_tensor)$")
+# Keys that carry no weights (`embed_positions.weights`: a sinusoid table some old fairseq versions stored).
+BOOKKEEPING = re.compile(r"^decoder\.(version|embed_positions\._float_tensor|embed_positions\.weights)$")
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+VERSION_KEY = "decoder.version"
+# Newer fairseq also stores the tied output projection under its own name: the same tensor as the embedding.
+TIED_ALIASES = {"decoder.output_projection.weight": "decoder.embed_tokens.weight"}
+# fairseq's module order inside a decoder layer (k, v, q as MultiheadAttention registers them); used when writing.
+_LAYER_ORDER = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj",
+                "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm")
 
 
 def fairseq_key(entry: Entry, layer: int | None = None) -> str:
@@ -91,3 +97,54 @@ def from_fairseq_state_dict(state: dict, num_layers: int) -> dict:
             node = node.setdefault(p, {})
         node[e.ours[-1]] = value
     return params
+
+
+def fairseq_keys(num_layers: int) -> list[tuple[str, Entry, int | None]]:
+    """Every weight key of the merged/sharded state dict, in fairseq's module order: (key, entry, layer)."""
+    def rank(e: Entry) -> int:
+        module = e.fairseq.rsplit(".", 1)[0]
+        return _LAYER_ORDER.index(module) * 2 + (e.fairseq.endswith(".bias"))
+
+    top = [(fairseq_key(e), e, None) for e in ENTRIES if not e.per_layer]
+    layer_entries = sorted((e for e in ENTRIES if e.per_layer), key=rank)
+    layers = [(fairseq_key(e, i), e, i) for i in range(num_layers) for e in layer_entries]
+    embed = [t for t in top if t[1].fairseq.startswith("embed_tokens")]
+    return embed + layers + [t for t in top if t not in embed]
+
+
+def our_split_axis(entry: Entry) -> int | None:
+    """The axis of our leaf (the stacked `layers` axis counted) that model-parallel ranks split; None if replicated."""
+    if entry.split_dim is None:
+        return None
+    axis = (1 - entry.split_dim) if entry.transpose else entry.split_dim
+    return axis + (1 if entry.per_layer else 0)
+
+
+def fairseq_shard_shape(entry: Entry, our_shape: tuple[int, ...], mp: int) -> tuple[int, ...]:
+    """Shape of one rank's fairseq tensor, given our leaf's (stacked) shape and the model-parallel size."""
+    shape = list(our_shape[1:] if entry.per_layer else our_shape)
+    if entry.transpose:
+        shape.reverse()
+    if entry.split_dim is not None:
+        shape[entry.split_dim] //= mp
+    return tuple(shape)
+
+
+def rank_block(entry: Entry, our_shape: tuple[int, ...], layer: int | None, rank: int, mp: int) -> tuple:
+    """Index into our leaf of what `rank` holds of this entry for `layer` (ints and slices)."""
+    index: list = [slice(None)] * len(our_shape)
+    if entry.per_layer:
+        index[0] = layer
+    axis = our_split_axis(entry)
+    if axis is not None:
+        n = our_shape[axis] // mp
+        index[axis] = slice(rank * n, (rank + 1) * n)
+    return tuple(index)
+
+
+def to_ours(entry: Entry, block: np.ndarray) -> np.ndarray:
+    """A fairseq tensor ([out, in]) in our layout ([in, out]); a view, not a copy."""
+    return block.T if entry.transpose else block
+
+
+to_fairseq = to_ours  # the transpose is its own inverse

@@ -1,0 +1,324 @@
+"""Our params-only checkpoint: one zarr array per parameter leaf, written block by block, read slice by slice.
+
+Layout of a checkpoint directory:
+    config.json       the ModelConfig (`ModelConfig.to_json`)
+    dict.txt          fairseq dictionary (when one was given)
+    checkpoint.json   format name and version, storage dtype, every leaf's shape and dtype
+    params/<a.b.c>/   one zarr v3 array (tensorstore) per leaf, e.g. `params/layers.fc1.kernel`
+
+Chunks follow the Megatron split: a chunk is one layer's block of one model-parallel rank
+(e.g. [1, d, ffn/mp] for fc1's kernel), so a converter writes whole chunks and a loader reads only the
+chunks its devices need. `ParamsWriter` fills a hidden temporary sibling of the target and renames it
+into place on success (no half-written checkpoint is ever visible under the target name);
+`load_params` builds every leaf with one host slice per device, so no process ever holds the full model.
+Single-process writer; multi-host restore works (each process reads its own devices' slices).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+from flax import traverse_util
+
+from m11b_jax.config import DTYPES, ModelConfig
+from m11b_jax.errors import UserError
+
+FORMAT = "m11b_jax.params"
+FORMAT_VERSION = 1
+CONFIG_FILE, DICT_FILE, META_FILE, PARAMS_DIR = "config.json", "dict.txt", "checkpoint.json", "params"
+
+LeafPath = tuple[str, ...]
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype for one of config.DTYPES (bfloat16 via ml_dtypes)."""
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def leaf_specs(cfg: ModelConfig) -> dict[LeafPath, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+    """Every parameter leaf: path -> (shape, logical axis names), from the model itself (no memory allocated)."""
+    from m11b_jax.model import TransformerLM
+
+    boxed = jax.eval_shape(lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    shapes = traverse_util.flatten_dict(nn.unbox(boxed)["params"])
+    names = traverse_util.flatten_dict(nn.get_partition_spec(boxed)["params"])
+    return {path: (tuple(shapes[path].shape), tuple(names[path])) for path in shapes}
+
+
+def leaf_dir_name(path: LeafPath) -> str:
+    return ".".join(path)
+
+
+def _model_split_names() -> set[str]:
+    from m11b_jax.sharding import MODEL, logical_rules
+
+    return {name for name, axis in logical_rules() if axis == MODEL}
+
+
+def chunk_shape(shape: tuple[int, ...], names: tuple[str | None, ...], model_parallel_size: int) -> list[int]:
+    """One layer's block of one model-parallel rank: 1 along `layers`, dim/mp along a model-split axis."""
+    split = _model_split_names()
+    chunks = []
+    for dim, name in zip(shape, names):
+        if name == "layers":
+            chunks.append(1)
+        elif name in split and dim % model_parallel_size == 0:
+            chunks.append(dim // model_parallel_size)
+        else:
+            chunks.append(dim)
+    return chunks
+
+
+def _array_spec(path: pathlib.Path) -> dict[str, Any]:
+    # A missing chunk is an error, not silently the fill value.
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}, "fill_missing_data_reads": False}
+
+
+class ParamsWriter:
+    """Write a checkpoint block by block; `with` commits it atomically (rename) or removes everything on error.
+
+        with ParamsWriter(out, cfg, "dict.txt", dtype="float32", model_parallel_size=8) as w:
+            w.write(("layers", "fc1", "kernel"), (i, slice(None), slice(a, b)), block)
+
+    Every element of every leaf must be written exactly once (checked at commit).
+    `model_parallel_size` only sets the chunking (the split a converter writes in); any mesh can read it.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, cfg: ModelConfig, dictionary_path: str | os.PathLike | None = None,
+                 dtype: str = "float32", *, model_parallel_size: int = 1):
+        self.out_dir = pathlib.Path(out_dir)
+        self.cfg = cfg
+        self.dictionary_path = None if dictionary_path is None else pathlib.Path(dictionary_path)
+        self.dtype_name = dtype
+        self.dtype = numpy_dtype(dtype)
+        self.model_parallel_size = model_parallel_size
+        if self.out_dir.exists():
+            raise UserError(f"output {self.out_dir} already exists: remove it or choose another path")
+        if self.dictionary_path is not None and not self.dictionary_path.is_file():
+            raise UserError(f"dictionary not found: {self.dictionary_path}")
+        self.specs = leaf_specs(cfg)
+        self.tmp_dir: pathlib.Path | None = None
+        self._arrays: dict[LeafPath, ts.TensorStore] = {}
+        self._written: dict[LeafPath, int] = {}
+        self._finished = False
+
+    def __enter__(self) -> "ParamsWriter":
+        parent = self.out_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+        try:
+            for path, (shape, names) in self.specs.items():
+                metadata = {
+                    "shape": list(shape),
+                    "data_type": self.dtype_name,
+                    "chunk_grid": {"name": "regular", "configuration": {
+                        "chunk_shape": chunk_shape(shape, names, self.model_parallel_size)}},
+                    "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                    "fill_value": "NaN",
+                }
+                spec = {**_array_spec(self.tmp_dir / PARAMS_DIR / leaf_dir_name(path)), "metadata": metadata}
+                self._arrays[path] = ts.open(spec, create=True).result()
+                self._written[path] = 0
+        except BaseException:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            raise
+        return self
+
+    def write(self, path: LeafPath, index: tuple, value: np.ndarray) -> None:
+        """Write `value` (any float dtype; cast to the storage dtype) at `index` (ints/slices) of leaf `path`."""
+        if path not in self._arrays:
+            raise KeyError(f"no parameter leaf {leaf_dir_name(path)}")
+        target = self._arrays[path][index]
+        value = np.asarray(value)
+        if tuple(target.shape) != value.shape:
+            raise ValueError(f"{leaf_dir_name(path)}{index}: block shape {value.shape} != target {tuple(target.shape)}")
+        target.write(value.astype(self.dtype, copy=False)).result()
+        self._written[path] += value.size
+
+    def finish(self) -> pathlib.Path:
+        """Write config, dictionary and metadata into the temporary directory and return it (still uncommitted).
+
+        Lets a caller check the result (e.g. `--verify`) before the rename that publishes it.
+        """
+        if self._finished:
+            return self.tmp_dir
+        incomplete = [leaf_dir_name(p) for p, (shape, _) in self.specs.items() if self._written[p] != np.prod(shape)]
+        if incomplete:
+            raise RuntimeError(f"checkpoint leaves not fully written: {', '.join(incomplete)}")
+        (self.tmp_dir / CONFIG_FILE).write_text(self.cfg.to_json() + "\n")
+        if self.dictionary_path is not None:
+            shutil.copyfile(self.dictionary_path, self.tmp_dir / DICT_FILE)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dtype": self.dtype_name,
+            "leaves": {leaf_dir_name(p): {"shape": list(s), "dtype": self.dtype_name} for p, (s, _) in self.specs.items()},
+        }
+        (self.tmp_dir / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        self._finished = True
+        return self.tmp_dir
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.finish()
+                if self.out_dir.exists():
+                    raise UserError(f"output {self.out_dir} appeared while writing: not overwriting it")
+                os.rename(self.tmp_dir, self.out_dir)
+        finally:
+            if self.tmp_dir.exists():
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+
+def _read_meta(path: pathlib.Path) -> dict:
+    meta_file = path / META_FILE
+    if not path.is_dir():
+        raise UserError(f"checkpoint not found: {path} is not a directory")
+    if not meta_file.is_file():
+        raise UserError(f"{path} is not an m11b_jax params checkpoint (no {META_FILE}): "
+                        "convert fairseq shards with `python -m m11b_jax.convert`")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_file} is unreadable ({e}): the checkpoint is corrupt") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('format_version')} is not "
+                        f"{FORMAT} v{FORMAT_VERSION}: reconvert with this version of m11b_jax")
+    return meta
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig stored with a checkpoint."""
+    path = pathlib.Path(path)
+    _read_meta(path)
+    try:
+        return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"{path / CONFIG_FILE} is unreadable ({e}): the checkpoint is corrupt") from None
+
+
+def dictionary_path(path: str | os.PathLike) -> pathlib.Path | None:
+    """The checkpoint's dict.txt, or None when it was saved without one."""
+    p = pathlib.Path(path) / DICT_FILE
+    return p if p.is_file() else None
+
+
+class ParamsReader:
+    """Random access to a checkpoint's leaves: `read(path, index) -> np.ndarray` in the stored dtype."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self.meta = _read_meta(self.path)
+        self.leaves = {tuple(k.split(".")): tuple(v["shape"]) for k, v in self.meta["leaves"].items()}
+        self.dtype_name = self.meta["dtype"]
+        self._arrays: dict[LeafPath, ts.TensorStore] = {}
+
+    def _array(self, path: LeafPath) -> ts.TensorStore:
+        if path not in self._arrays:
+            try:
+                self._arrays[path] = ts.open(_array_spec(self.path / PARAMS_DIR / leaf_dir_name(path)),
+                                             open=True, read=True).result()
+            except ValueError as e:
+                raise UserError(f"{self.path}: cannot open leaf {leaf_dir_name(path)} ({_first_line(e)}): "
+                                "the checkpoint is incomplete or corrupt") from None
+            if tuple(self._arrays[path].shape) != self.leaves[path]:
+                raise UserError(f"{self.path}: leaf {leaf_dir_name(path)} has shape {tuple(self._arrays[path].shape)}, "
+                                f"{META_FILE} says {self.leaves[path]}: the checkpoint is corrupt")
+        return self._arrays[path]
+
+    def read(self, path: LeafPath, index: tuple = ()) -> np.ndarray:
+        try:
+            return np.asarray(self._array(path)[index].read().result())
+        except ValueError as e:
+            raise UserError(f"{self.path}: cannot read {leaf_dir_name(path)}{_format_index(index)} "
+                            f"({_first_line(e)}): the checkpoint is incomplete or corrupt") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _format_index(index: tuple) -> str:
+    def one(i):
+        return f"{i.start or 0}:{'' if i.stop is None else i.stop}" if isinstance(i, slice) else str(i)
+    return "[" + ", ".join(one(i) for i in index) + "]" if index else ""
+
+
+def _index_key(index: tuple) -> tuple:
+    return tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
+
+
+def load_params(path: str | os.PathLike, mesh, rules, dtype=None, cfg: ModelConfig | None = None):
+    """Restore a checkpoint onto `mesh` with the sharding table `rules`, reading only this process's slices.
+
+    Each leaf becomes a global jax.Array laid out as `sharding.abstract_params(cfg, mesh, rules)` says; one
+    host slice per distinct device index is read, put on its device(s) and dropped before the next.
+    dtype: cast to this (default: `cfg.param_dtype`). cfg: the config to restore into (default: the stored
+    one); its shapes must match the checkpoint's.
+    """
+    from m11b_jax.sharding import abstract_params
+
+    reader = ParamsReader(path)
+    cfg = load_model_config(path) if cfg is None else cfg
+    target = traverse_util.flatten_dict(abstract_params(cfg, mesh, rules))
+    missing = sorted(leaf_dir_name(p) for p in set(target) - set(reader.leaves))
+    extra = sorted(leaf_dir_name(p) for p in set(reader.leaves) - set(target))
+    if missing or extra:
+        raise UserError(f"{reader.path} does not hold this model's parameters (missing {missing}, unexpected {extra}): "
+                        "is it a checkpoint of another model?")
+    out = {}
+    for leaf, sds in target.items():
+        if reader.leaves[leaf] != tuple(sds.shape):
+            raise UserError(f"{reader.path}: {leaf_dir_name(leaf)} has shape {reader.leaves[leaf]} but the config "
+                            f"wants {tuple(sds.shape)}: pass the checkpoint's own config (or none)")
+        out_dtype = jnp.dtype(dtype if dtype is not None else sds.dtype)
+        devices_by_index: dict[tuple, tuple[tuple, list]] = {}
+        for device, index in sds.sharding.addressable_devices_indices_map(sds.shape).items():
+            devices_by_index.setdefault(_index_key(index), (index, []))[1].append(device)
+        shards = []
+        for index, devices in devices_by_index.values():
+            host = reader.read(leaf, index).astype(out_dtype, copy=False)
+            shards.extend(jax.device_put(host, d) for d in devices)
+            del host
+        out[leaf] = jax.make_array_from_single_device_arrays(sds.shape, sds.sharding, shards)
+    return traverse_util.unflatten_dict(out)
+
+
+def iter_addressable_blocks(params) -> Iterator[tuple[LeafPath, tuple, np.ndarray]]:
+    """(leaf path, index, host block) for each distinct addressable shard of sharded jax params."""
+    for path, arr in traverse_util.flatten_dict(params).items():
+        for shard in arr.addressable_shards:
+            if shard.replica_id == 0:
+                yield path, shard.index, np.asarray(shard.data)
+
+
+def save_params(params, out_dir: str | os.PathLike, cfg: ModelConfig,
+                dictionary_path: str | os.PathLike | None = None, dtype: str | None = None) -> pathlib.Path:
+    """Save in-memory (sharded) jax params, one addressable shard at a time. Single-process only.
+
+    dtype: storage dtype (default: the params' own dtype).
+    """
+    if jax.process_count() > 1:
+        raise NotImplementedError("save_params writes from one process; multi-host export is not implemented")
+    if dtype is None:
+        dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype).name
+    with ParamsWriter(out_dir, cfg, dictionary_path, dtype=dtype) as w:
+        for path, index, block in iter_addressable_blocks(params):
+            w.write(path, index, block)
+    return pathlib.Path(out_dir)
