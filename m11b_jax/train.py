@@ -1,0 +1,404 @@
+"""`python -m m11b_jax.train`: train a Megatron-11b-family LM with fairseq-train's flags.
+
+fairseq's training command for Megatron-11b works as written with `fairseq-train` replaced by
+`python -m m11b_jax.train`. Flags keep fairseq's names, meanings and defaults; a flag we do not implement
+is an error naming it. With no DATA_PATH (and no --arch other than `tiny`) the command trains the `tiny`
+model on the offline corpus (`corpus.ensure_offline_corpus`) with settings that finish in minutes on a CPU.
+`--compile-only` compiles the full train step ahead of time on simulated CPU devices and prints a JSON
+memory/collectives report instead of training.
+
+This module turns the command line into a `RunConfig` (every check that needs no data or devices runs here,
+with one-line errors) and sets up the process (simulated CPU devices, several hosts); `trainer.train` runs
+the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+from typing import Sequence
+
+from m11b_jax.errors import UserError, cli_main
+
+MEGATRON_ARCH = "transformer_lm_megatron_11b"
+DEFAULT_CPU_DEVICES = 8
+
+# `python -m m11b_jax.train` with no DATA_PATH: the tiny model on the offline corpus, ~2 minutes on 2 CPU cores.
+# Only flags the user did not give take these values.
+OFFLINE_DEFAULTS = dict(
+    arch="tiny",
+    model_parallel_size=2,
+    batch_size=8,
+    tokens_per_sample=128,
+    max_update=240,
+    lr="0.002",
+    warmup_updates=40,
+    adam_betas="(0.9, 0.98)",
+    weight_decay=0.01,
+    clip_norm=1.0,
+    log_interval=20,
+    validate_interval_updates=80,
+    save_interval_updates=120,
+    keep_interval_updates=2,
+    save_dir=os.path.join("checkpoints", "offline_tiny"),
+)
+
+DTYPE_HELP = (
+    "Dtype policy. Default: fp32 parameters, fp32 Adam state, fp32 compute. --bf16, --fp16, "
+    "--memory-efficient-fp16 and --memory-efficient-bf16 all select the same mixed policy here: fp32 master "
+    "parameters and fp32 Adam state (the update is exact fairseq Adam in fp32), matmuls and activations in "
+    "bfloat16, LayerNorm/softmax/GELU/loss in fp32. bf16 has fp32's exponent range, so fairseq's fp16 loss "
+    "scaling is not needed and there is no fp16 compute mode."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401
+        raise UserError(f"{message} (see python -m m11b_jax.train --help)")
+
+
+def _str_list(kind, flag: str):
+    """fairseq list flags (`--lr 0.1,0.2`, `--update-freq 2`): we support one value."""
+
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in str(text).replace("[", "").replace("]", "").split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a {kind.__name__}") from None
+        if len(values) != 1:
+            raise argparse.ArgumentTypeError(
+                f"{flag} {text!r}: per-epoch lists are not supported, give one value")
+        return values[0]
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _betas(text: str) -> tuple[float, float]:
+    try:
+        value = ast.literal_eval(text)
+        b1, b2 = (float(v) for v in value)
+    except (ValueError, SyntaxError, TypeError):
+        raise argparse.ArgumentTypeError(f"--adam-betas {text!r} must look like '(0.9, 0.98)'") from None
+    return b1, b2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m m11b_jax.train", allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train fairseq's transformer_lm (Megatron-11b and smaller configs) in JAX with fairseq-train's "
+                    "flags. With no DATA_PATH: trains the tiny model on the offline corpus.",
+        epilog="Example (the Megatron-11b recipe on 8 devices):\n"
+               "  python -m m11b_jax.train DATA_BIN --distributed-world-size 8 --memory-efficient-fp16 "
+               "--num-workers 2 \\\n    --model-parallel-size 8 --criterion vocab_parallel_cross_entropy "
+               "--task language_modeling \\\n    --sample-break-mode none --tokens-per-sample 1024 --arch "
+               f"{MEGATRON_ARCH} \\\n    --share-decoder-input-output-embed --optimizer adam --adam-betas "
+               "'(0.9, 0.98)' --adam-eps 1e-08 \\\n    --clip-norm 0.0 --lr-scheduler inverse_sqrt --lr 0.00015 "
+               "--warmup-updates 3000 --weight-decay 0.01 \\\n    --dropout 0.1 --attention-dropout 0.1 "
+               "--max-sentences 2 --max-update 300000\n")
+    p.add_argument("data", nargs="?", metavar="DATA_PATH",
+                   help="fairseq data-bin (dict.txt + SPLIT.bin/.idx). Omitted: the offline corpus and the tiny model")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", help=f"config name in configs/ ({MEGATRON_ARCH}, tiny, megatron_1p3b) or a config JSON path")
+    g.add_argument("--dropout", type=float, help="dropout (default: the arch's, 0.1 for the release)")
+    g.add_argument("--attention-dropout", type=float, help="attention dropout (default: the arch's)")
+    g.add_argument("--share-decoder-input-output-embed", action="store_true",
+                   help="tie input and output embeddings; the model always ties them, and the release was trained "
+                        f"tied, so {MEGATRON_ARCH} requires this flag")
+    g.add_argument("--remat-policy", choices=("none", "full", "save_dots", "save_dots_no_batch"),
+                   help="what each layer keeps for the backward pass (default: the arch's; full recomputes the layer)")
+
+    g = p.add_argument_group("task and data")
+    g.add_argument("--task", default="language_modeling", choices=("language_modeling",))
+    g.add_argument("--sample-break-mode", default="none", choices=("none",),
+                   help="none: the stream is cut in --tokens-per-sample blocks across line boundaries")
+    g.add_argument("--tokens-per-sample", type=int, help="tokens per block (default: 1024, or the arch's max positions if fewer)")
+    g.add_argument("--batch-size", "--max-sentences", dest="batch_size", type=int,
+                   help="blocks per data-parallel replica per micro-batch; global batch = this x (devices / model-parallel size)")
+    g.add_argument("--batch-size-valid", "--max-sentences-valid", dest="batch_size_valid", type=int,
+                   help="validation blocks per replica (default: --batch-size)")
+    g.add_argument("--update-freq", type=_str_list(int, "--update-freq"), default=1,
+                   help="accumulate gradients of N micro-batches per update (inside the jitted step)")
+    g.add_argument("--train-subset", default="train")
+    g.add_argument("--valid-subset", default="valid", help="comma-separated validation splits")
+    g.add_argument("--disable-validation", action="store_true")
+    g.add_argument("--num-workers", type=int, default=1,
+                   help="N > 0: a background thread prepares N updates' batches ahead; 0: in the loop")
+    g.add_argument("--seed", type=int, default=1, help="initialization, data order and dropout (keys = seed, update)")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--max-update", type=int, default=0, help="stop after this many updates (0: no limit)")
+    g.add_argument("--optimizer", default="adam", choices=("adam",))
+    g.add_argument("--adam-betas", type=_betas, default="(0.9, 0.999)")
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=0.0,
+                   help="decoupled weight decay on every parameter (fairseq Adam)")
+    g.add_argument("--clip-norm", type=float, default=0.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--lr", type=_str_list(float, "--lr"), default=0.25, help="peak learning rate")
+    g.add_argument("--lr-scheduler", default="inverse_sqrt", choices=("inverse_sqrt",),
+                   help="inverse_sqrt (fairseq's default 'fixed' is not implemented)")
+    g.add_argument("--warmup-updates", type=int, default=4000)
+    g.add_argument("--warmup-init-lr", type=float, default=-1.0, help="lr of the first update (default 0 with warmup)")
+    g.add_argument("--criterion", default="cross_entropy", choices=("cross_entropy", "vocab_parallel_cross_entropy"),
+                   help="both compute the same loss; the vocab-parallel one never gathers the logits")
+
+    g = p.add_argument_group("precision", DTYPE_HELP)
+    for flag in ("--fp16", "--memory-efficient-fp16", "--bf16", "--memory-efficient-bf16"):
+        g.add_argument(flag, action="store_true", help="bf16 compute, fp32 master params and Adam state")
+
+    g = p.add_argument_group("parallelism and hosts")
+    g.add_argument("--model-parallel-size", type=int, default=1, help="devices per model (the mesh's model axis)")
+    g.add_argument("--distributed-world-size", type=int,
+                   help="total devices across hosts (default: all). On CPU: the number of simulated devices "
+                        f"(default {DEFAULT_CPU_DEVICES})")
+    g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="split the residual stream's tokens over the model axis between tensor-parallel regions "
+                        "(Megatron-SP; less activation memory). Default: on when --model-parallel-size > 1 and it "
+                        "divides --tokens-per-sample")
+    g.add_argument("--coordinator-address", help="HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, help="number of processes (or JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, help="this process's index (or JAX_PROCESS_ID)")
+    g.add_argument("--multihost", action="store_true",
+                   help="call jax.distributed.initialize() and let JAX detect the cluster (e.g. a TPU pod slice); "
+                        "SLURM, Open MPI and explicit coordinators are detected without it")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
+
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--save-dir", default="checkpoints")
+    g.add_argument("--save-interval-updates", type=int, default=0, help="save (and validate) every N updates")
+    g.add_argument("--keep-interval-updates", type=int, default=-1, help="keep the last N checkpoints (-1: all)")
+    g.add_argument("--no-save", action="store_true", help="never write checkpoints")
+    g.add_argument("--restore-file", default="checkpoint_last",
+                   help="checkpoint_last (default): resume from the latest in --save-dir if any; or a checkpoint path")
+    g.add_argument("--finetune-from-model",
+                   help="start from converted parameters (python -m m11b_jax.convert) with fresh optimizer state; "
+                        "ignored when --save-dir already holds a checkpoint")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--validate-interval-updates", type=int, default=0, help="validate every N updates (and at the end)")
+    g.add_argument("--tensorboard-logdir", help="write TensorBoard scalars here (tensorboardX)")
+    g.add_argument("--no-progress-bar", action="store_true")
+
+    g = p.add_argument_group("ahead-of-time check")
+    g.add_argument("--compile-only", action="store_true",
+                   help="compile the train step from abstract inputs (no weights allocated), print one JSON report, exit")
+    g.add_argument("--device-memory-gb", type=float, default=80.0,
+                   help="with --compile-only: fail when the step needs more than this per device")
+    g.add_argument("--target", help="with --compile-only: compile for this GPU (h100, h200, a100, ...) instead of CPUs "
+                                    "(needs pip install -e .[cuda-aot])")
+    return p
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything a run needs, resolved from the command line."""
+
+    args: argparse.Namespace
+    model: "object"  # config.ModelConfig
+    optim: "object"  # train_step.OptimConfig
+    data: str | None
+    offline: bool
+    tokens_per_sample: int
+    batch_size: int
+    batch_size_valid: int
+    update_freq: int
+    model_parallel_size: int
+    sequence_parallel: bool
+    dtype_policy: str
+    world_size: int | None
+    validate_at_start: bool = False
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    by_flag = {s: a.dest for a in parser._actions for s in a.option_strings}
+    return {by_flag[tok.split("=", 1)[0]] for tok in argv if tok.split("=", 1)[0] in by_flag}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
+    """Command line -> RunConfig, with every check that needs neither data nor devices."""
+    from m11b_jax.config import load_config
+    from m11b_jax.train_step import OptimConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+    if flags:
+        raise UserError(f"unsupported flag{'s' if len(flags) > 1 else ''} {', '.join(flags)}: m11b_jax.train does not "
+                        f"implement {'them' if len(flags) > 1 else 'it'} (see python -m m11b_jax.train --help for the "
+                        "supported fairseq flags)")
+    if unknown:
+        raise UserError(f"unexpected argument{'s' if len(unknown) > 1 else ''} {' '.join(unknown)}: only one DATA_PATH "
+                        "is taken (see --help)")
+
+    offline = args.data is None and args.arch in (None, "tiny") and not args.compile_only
+    if offline:
+        given = _explicit_dests(parser, argv)
+        for dest, value in OFFLINE_DEFAULTS.items():
+            if dest not in given:
+                setattr(args, dest, _typed(parser, dest, value))
+    if args.arch is None:
+        raise UserError("--arch is required with a DATA_PATH or --compile-only "
+                        f"(e.g. --arch {MEGATRON_ARCH}, --arch tiny, or a config JSON)")
+    # Training the release architecture untied would silently be a different model (ours always ties).
+    # --compile-only measures the tied model either way (issue 2's report command omits the flag).
+    if args.arch == MEGATRON_ARCH and not args.share_decoder_input_output_embed and not args.compile_only:
+        raise UserError(f"{MEGATRON_ARCH} ties its input and output embeddings (the release was trained with them "
+                        "shared): add --share-decoder-input-output-embed")
+    for flag, value, low in (("--model-parallel-size", args.model_parallel_size, 1), ("--update-freq", args.update_freq, 1),
+                             ("--log-interval", args.log_interval, 1), ("--num-workers", args.num_workers, 0),
+                             ("--max-update", args.max_update, 0), ("--warmup-updates", args.warmup_updates, 0),
+                             ("--save-interval-updates", args.save_interval_updates, 0),
+                             ("--validate-interval-updates", args.validate_interval_updates, 0),
+                             ("--seed", args.seed, 0)):
+        if value < low:
+            raise UserError(f"{flag} {value} must be >= {low}")
+    if args.distributed_world_size is not None and args.distributed_world_size < 1:
+        raise UserError(f"--distributed-world-size {args.distributed_world_size} must be >= 1")
+    if args.batch_size is None:
+        raise UserError("--batch-size (--max-sentences) is required: blocks per data-parallel replica, e.g. --batch-size 8")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.batch_size_valid is not None and args.batch_size_valid < 1:
+        raise UserError(f"--batch-size-valid {args.batch_size_valid} must be >= 1")
+    if args.lr < 0 or args.clip_norm < 0 or args.weight_decay < 0 or args.adam_eps <= 0:
+        raise UserError("--lr, --clip-norm and --weight-decay must be >= 0 and --adam-eps > 0")
+    if not all(0.0 <= b < 1.0 for b in args.adam_betas):
+        raise UserError(f"--adam-betas {args.adam_betas} must both be in [0, 1)")
+    if args.target and not args.compile_only:
+        raise UserError("--target only applies to --compile-only (training runs on the devices present)")
+    if args.restore_file not in (None, "checkpoint_last", "checkpoint_last.pt") and args.finetune_from_model:
+        raise UserError("give either --restore-file (continue a run) or --finetune-from-model (start from converted "
+                        "weights), not both")
+
+    mixed = [f for f in ("fp16", "memory_efficient_fp16", "bf16", "memory_efficient_bf16") if getattr(args, f)]
+    dtype_policy = ("bf16 compute, fp32 params+Adam (--" + mixed[0].replace("_", "-") + ")") if mixed else "fp32"
+    overrides = dict(dropout=args.dropout, attention_dropout=args.attention_dropout, remat_policy=args.remat_policy,
+                     compute_dtype="bfloat16" if mixed else None)
+    model = load_config(args.arch, **overrides)
+    tokens = args.tokens_per_sample if args.tokens_per_sample is not None else min(1024, model.max_positions)
+    if tokens < 1:
+        raise UserError(f"--tokens-per-sample {tokens} must be >= 1")
+    mp = args.model_parallel_size
+    model.validate(mp, tokens)
+    sp = args.sequence_parallel
+    if sp is None:
+        sp = mp > 1 and tokens % mp == 0
+    elif sp and tokens % mp:
+        raise UserError(f"--sequence-parallel splits the {tokens} tokens of a block over {mp} devices: use a "
+                        f"--tokens-per-sample divisible by {mp} or --no-sequence-parallel")
+    optim = OptimConfig(lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps, weight_decay=args.weight_decay,
+                        warmup_updates=args.warmup_updates, warmup_init_lr=args.warmup_init_lr, clip_norm=args.clip_norm)
+    return RunConfig(args=args, model=model, optim=optim, data=args.data, offline=offline, tokens_per_sample=tokens,
+                     batch_size=args.batch_size, batch_size_valid=args.batch_size_valid or args.batch_size,
+                     update_freq=args.update_freq, model_parallel_size=mp, sequence_parallel=sp,
+                     dtype_policy=dtype_policy, world_size=args.distributed_world_size,
+                     validate_at_start=offline)
+
+
+def _typed(parser: argparse.ArgumentParser, dest: str, value):
+    """A default given as the command line would give it, converted by the flag's own type."""
+    action = next(a for a in parser._actions if a.dest == dest)
+    return action.type(value) if action.type is not None and isinstance(value, str) else value
+
+
+def setup_process(run: RunConfig) -> None:
+    """Platform, simulated CPU devices and multi-host initialization: before any JAX computation."""
+    from m11b_jax import runtime
+
+    a = run.args
+    if a.compile_only or a.cpu:
+        runtime.force_cpu_platform()
+    if not a.compile_only:
+        runtime.maybe_initialize_distributed(a.coordinator_address, a.num_processes, a.process_id, force=a.multihost)
+    nproc = _num_processes()
+    world = run.world_size or DEFAULT_CPU_DEVICES * (1 if a.compile_only else nproc)
+    if world % nproc:
+        raise UserError(f"--distributed-world-size {world} is not divisible by the {nproc} processes: give each "
+                        "host the same number of devices")
+    # Only the CPU backend reads this: with no accelerator the run uses `world` simulated devices.
+    runtime.configure_cpu_devices(world // nproc)
+
+
+def _num_processes() -> int:
+    try:
+        from jax._src.distributed import global_state
+
+        return int(global_state.num_processes or 1) if global_state.client is not None else 1
+    except Exception:
+        return 1
+
+
+def check_world_size(run: RunConfig) -> None:
+    import jax
+
+    if run.world_size is not None and run.world_size != jax.device_count():
+        raise UserError(f"--distributed-world-size {run.world_size} but {jax.device_count()} {jax.default_backend()} "
+                        f"devices are present: pass --distributed-world-size {jax.device_count()} or omit it")
+
+
+def compile_only(run: RunConfig) -> dict:
+    """Build and compile the full train step from abstract inputs; return the report (printed by main)."""
+    import jax
+
+    from m11b_jax import aot
+    from m11b_jax import sharding as S
+
+    a = run.args
+    n = run.world_size or DEFAULT_CPU_DEVICES
+    if a.target:
+        if importlib.util.find_spec("jax_cuda12_plugin") is None:
+            raise UserError(f"--target {a.target} compiles with JAX's CUDA plugin, which is not installed: "
+                            "pip install -e .[cuda-aot]")
+        target_mesh = getattr(aot, "target_mesh", None)
+        if target_mesh is None:
+            raise UserError(f"--target {a.target}: GPU-target compiles are not implemented yet; drop --target to "
+                            "compile on simulated CPU devices")
+        mesh = target_mesh(a.target, n, run.model_parallel_size)
+    else:
+        if jax.device_count() < n:
+            raise UserError(f"--compile-only needs {n} CPU devices but this process has {jax.device_count()}: "
+                            "run it in a fresh process")
+        mesh = S.make_mesh(run.model_parallel_size, jax.devices()[:n])
+    report = aot.compile_report(run.model, mesh, batch_size=run.batch_size, tokens_per_sample=run.tokens_per_sample,
+                                update_freq=run.update_freq, sequence_parallel=run.sequence_parallel, ocfg=run.optim,
+                                target=a.target, criterion=a.criterion)
+    report["dtype_policy"] = run.dtype_policy
+    report["device_memory_gb"] = a.device_memory_gb
+    report["fits"] = report["per_device_bytes"]["total"] <= a.device_memory_gb * 2**30
+    return report
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Parse, set up, then compile-only or train. Returns a summary dict (also used by tests)."""
+    cfg = parse_args(argv)
+    setup_process(cfg)
+    if cfg.args.compile_only:
+        from m11b_jax import aot
+
+        report = compile_only(cfg)
+        print(aot.dumps(report), flush=True)
+        aot.check_fits(report, cfg.args.device_memory_gb)
+        return {"report": report}
+    check_world_size(cfg)
+    from m11b_jax.trainer import train
+
+    return train(cfg)
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

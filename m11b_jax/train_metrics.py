@@ -1,0 +1,135 @@
+"""Training metrics: model-FLOPs utilization against known device peaks, and where each log line goes.
+
+MFU = (analytic model FLOPs per update x updates) / (elapsed seconds x devices x peak FLOP/s per device).
+The FLOPs are `config.analytic_train_flops` (6 N per token + attention, no remat recompute). Peaks are the
+vendors' dense (no sparsity) matmul figures for the compute dtype; fp32 on NVIDIA GPUs runs as TF32 by
+default in XLA, so its peak is the TF32 one. Unknown devices (and CPUs) give MFU `None`.
+
+`MetricsLogger` writes every log line three ways: the console (through tqdm, so the progress bar stays at
+the bottom), one JSON object per line in `SAVE_DIR/train_log.jsonl`, and TensorBoard scalars (tensorboardX,
+no TensorFlow) when a log dir is given. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+# device_kind substring (lower case, first match wins) -> {compute dtype: dense peak FLOP/s per device}
+DEVICE_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("h100 pcie", {"bfloat16": 756e12, "float32": 378e12}),
+    ("h100 nvl", {"bfloat16": 835e12, "float32": 418e12}),
+    ("h100", {"bfloat16": 989e12, "float32": 494e12}),  # SXM
+    ("h200", {"bfloat16": 989e12, "float32": 494e12}),
+    ("gh200", {"bfloat16": 989e12, "float32": 494e12}),
+    ("b200", {"bfloat16": 2250e12, "float32": 1100e12}),
+    ("a100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("a10g", {"bfloat16": 70e12, "float32": 35e12}),
+    ("l4", {"bfloat16": 121e12, "float32": 60e12}),
+    ("tpu v6", {"bfloat16": 918e12, "float32": 918e12}),   # Trillium (v6e); f32 matmuls run as bf16 passes
+    ("tpu v5 lite", {"bfloat16": 197e12, "float32": 197e12}),  # v5e
+    ("tpu v5e", {"bfloat16": 197e12, "float32": 197e12}),
+    ("tpu v5", {"bfloat16": 459e12, "float32": 459e12}),  # v5p
+    ("tpu v4", {"bfloat16": 275e12, "float32": 275e12}),
+)
+
+
+def peak_flops(device_kind: str, compute_dtype: str) -> float | None:
+    """Dense peak FLOP/s of one device for `compute_dtype`, or None when unknown (e.g. any CPU)."""
+    kind = device_kind.lower()
+    for key, peaks in DEVICE_PEAK_FLOPS:
+        if key in kind:
+            return peaks.get(compute_dtype, peaks["bfloat16"])
+    return None
+
+
+def mfu(flops_per_update: float, updates: int, seconds: float, num_devices: int, peak: float | None) -> float | None:
+    if peak is None or seconds <= 0 or updates <= 0:
+        return None
+    return flops_per_update * updates / (seconds * num_devices * peak)
+
+
+def base2_ppl(loss_base2: float) -> float:
+    """fairseq's perplexity from a base-2 loss (inf when it overflows)."""
+    try:
+        return 2.0 ** loss_base2
+    except OverflowError:
+        return math.inf
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
+            return f"{v:.3e}"
+        return f"{v:.4g}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+class MetricsLogger:
+    """Console + JSON lines + optional TensorBoard; a no-op on processes other than 0."""
+
+    def __init__(self, save_dir: str | None, tensorboard_logdir: str | None, *, enabled: bool = True,
+                 progress_total: int | None = None, progress_initial: int = 0, progress_bar: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        if save_dir is not None:
+            os.makedirs(save_dir, exist_ok=True)
+            self.jsonl_path = os.path.join(save_dir, "train_log.jsonl")
+            self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        if tensorboard_logdir:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(tensorboard_logdir)
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=progress_total or None, initial=progress_initial, unit="upd",
+                             dynamic_ncols=True, file=sys.stderr, leave=False)
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def advance(self, n: int = 1, **postfix) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+
+    def log(self, record: dict, *, prefix: str, tb_keys: tuple[str, ...] = ()) -> None:
+        """One log line: `record` (with an `update` key) to every sink; `prefix` names it on the console."""
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        self.print(f"| {prefix} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "update")
+                   + f" | update {record['update']}")
+        if self._tb is not None:
+            for k in tb_keys:
+                v = record.get(k)
+                if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, record["update"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
