@@ -50,9 +50,25 @@ def main() -> None:
             for _ in range(args.repeats):
                 dest = tmp / f"bin{workers}"
                 start = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "m11b_jax.preprocess", "--only-source", "--trainpref", str(src),
-                                "--srcdict", str(data / "gpt2_bpe" / "dict.txt"), "--destdir", str(dest),
-                                "--workers", str(workers)], env=env, check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "m11b_jax.preprocess",
+                        "--only-source",
+                        "--trainpref",
+                        str(src),
+                        "--srcdict",
+                        str(data / "gpt2_bpe" / "dict.txt"),
+                        "--destdir",
+                        str(dest),
+                        "--workers",
+                        str(workers),
+                    ],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
                 best = min(best, time.perf_counter() - start)
             outputs[workers] = (dest / "train.bin").read_bytes() + (dest / "train.idx").read_bytes()
             print(f"--workers {workers}: {best:.2f} s for {mb:.1f} MB = {mb / best:.1f} MB/s")

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 import tiktoken  # noqa: E402
 
-from m11b_jax.tokenizer import GPT2BPE, GPT2_PATTERN, bytes_to_unicode  # noqa: E402
+from m11b_jax.tokenizer import GPT2_PATTERN, GPT2BPE, bytes_to_unicode  # noqa: E402
 
 
 def tiktoken_from_files(encoder_json: pathlib.Path) -> tiktoken.Encoding:
@@ -65,7 +65,10 @@ def main() -> None:
 
     mb = len(text.encode("utf-8")) / 1e6
     print(f"wiki.test.raw: {mb:.2f} MB, {len(ids)} tokens, ids identical to tiktoken")
-    print(f"ours (engine={ours.engine}): {ours_s:.4f} s   tiktoken: {tik_s:.4f} s   ratio ours/tiktoken: {ours_s / tik_s:.2f}")
+    print(
+        f"ours (engine={ours.engine}): {ours_s:.4f} s   tiktoken: {tik_s:.4f} s   "
+        f"ratio ours/tiktoken: {ours_s / tik_s:.2f}"
+    )
     print(f"ours (engine=python): first call {cold_s:.3f} s, cached {warm_s:.3f} s ({warm_s / tik_s:.2f}x tiktoken)")
 
 

@@ -106,8 +106,17 @@ class BlockBatcher:
     each epoch, since the order changes); without it the last batch is filled with pad rows.
     """
 
-    def __init__(self, blocks: TokenBlocks, global_batch_size: int, *, seed: int, shuffle: bool = True,
-                 num_shards: int = 1, shard_index: int = 0, drop_last: bool = True):
+    def __init__(
+        self,
+        blocks: TokenBlocks,
+        global_batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        num_shards: int = 1,
+        shard_index: int = 0,
+        drop_last: bool = True,
+    ):
         self.local_batch_size = _check_sharding(global_batch_size, num_shards, shard_index)
         if drop_last and len(blocks) < global_batch_size:
             raise UserError(
@@ -158,9 +167,14 @@ class BlockBatcher:
     def state_dict(self) -> dict:
         """JSON-serializable position; the other fields guard against resuming on different data."""
         return {
-            "epoch": self._epoch, "position": self._position, "seed": self.seed,
-            "num_blocks": len(self.blocks), "block_size": self.blocks.block_size,
-            "global_batch_size": self.global_batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last,
+            "epoch": self._epoch,
+            "position": self._position,
+            "seed": self.seed,
+            "num_blocks": len(self.blocks),
+            "block_size": self.blocks.block_size,
+            "global_batch_size": self.global_batch_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -180,8 +194,9 @@ class BlockBatcher:
         self._order_epoch = None
 
 
-def iter_batches(blocks: TokenBlocks, batch_size: int, *, num_shards: int = 1,
-                 shard_index: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def iter_batches(
+    blocks: TokenBlocks, batch_size: int, *, num_shards: int = 1, shard_index: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
     """All blocks once, in order, as {'source', 'target'} int32 [batch_size // num_shards, T].
 
     For evaluation: nothing is dropped; the last global batch is filled with pad rows, and the

@@ -59,8 +59,12 @@ def _batches(rows: Iterator[tuple[str, ...]], keep_empty: bool):
 
 
 def encode_files(
-    encoder_json: str, vocab_bpe: str, inputs: Sequence[str], outputs: Sequence[str],
-    keep_empty: bool = False, workers: int = 1,
+    encoder_json: str,
+    vocab_bpe: str,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    keep_empty: bool = False,
+    workers: int = 1,
 ) -> dict[str, int]:
     """Encode line-aligned `inputs` into `outputs`; returns {'lines': kept, 'empty': dropped}."""
     if len(inputs) != len(outputs):

@@ -76,7 +76,9 @@ def default_cache_dir() -> pathlib.Path:
 def corpus_key(files: list[pathlib.Path], root: pathlib.Path) -> str:
     import sentencepiece
 
-    recipe = f"format {_FORMAT} stride {FILE_STRIDE} valid {VALID_EVERY} vocab {VOCAB_SIZE} spm {sentencepiece.__version__}"
+    recipe = (
+        f"format {_FORMAT} stride {FILE_STRIDE} valid {VALID_EVERY} vocab {VOCAB_SIZE} spm {sentencepiece.__version__}"
+    )
     h = hashlib.sha256(f"{recipe}\n".encode())
     for p in files:
         h.update(f"{p.relative_to(root).as_posix()} {p.stat().st_size}\n".encode())
@@ -145,10 +147,23 @@ def _build(files: list[pathlib.Path], root: pathlib.Path, out: pathlib.Path) -> 
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(splits["train"]), model_writer=model, vocab_size=VOCAB_SIZE, model_type="bpe",
-        bos_id=0, pad_id=1, eos_id=2, unk_id=3, bos_piece="<s>", pad_piece="<pad>", eos_piece="</s>",
-        unk_piece="<unk>", normalization_rule_name="identity", remove_extra_whitespaces=False,
-        max_sentence_length=1 << 16, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(splits["train"]),
+        model_writer=model,
+        vocab_size=VOCAB_SIZE,
+        model_type="bpe",
+        bos_id=0,
+        pad_id=1,
+        eos_id=2,
+        unk_id=3,
+        bos_piece="<s>",
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        max_sentence_length=1 << 16,
+        num_threads=1,
+        minloglevel=2,
     )
     (out / "spm.model").write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
@@ -170,8 +185,11 @@ def _build(files: list[pathlib.Path], root: pathlib.Path, out: pathlib.Path) -> 
         d.add_symbol(sp.id_to_piece(i), int(counts[i]))
     d.save(out / "dict.txt")
     manifest = {
-        "python": sys.version.split()[0], "stdlib": str(root), "sentencepiece": spm.__version__,
-        "vocab_size": VOCAB_SIZE, "splits": stats,
+        "python": sys.version.split()[0],
+        "stdlib": str(root),
+        "sentencepiece": spm.__version__,
+        "vocab_size": VOCAB_SIZE,
+        "splits": stats,
         "files": [p.relative_to(root).as_posix() for p in files],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -18,7 +18,9 @@ def shared_data_dir() -> pathlib.Path:
     """The shared data folder; a UserError says how to point at it when it is missing."""
     path = pathlib.Path(os.environ.get("M11B_DATA_DIR") or REPO.parent / "shared" / "data")
     if not (path / "gpt2_bpe" / "encoder.json").is_file():
-        raise UserError(f"shared data not found at {path}: set M11B_DATA_DIR to the folder holding gpt2_bpe/ and wikitext-103/")
+        raise UserError(
+            f"shared data not found at {path}: set M11B_DATA_DIR to the folder holding gpt2_bpe/ and wikitext-103/"
+        )
     return path
 
 

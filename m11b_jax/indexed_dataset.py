@@ -35,11 +35,27 @@ MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_BYTES = len(MAGIC) + 8 + 1 + 8
 DTYPE_CODES = {
-    1: np.dtype("u1"), 2: np.dtype("i1"), 3: np.dtype("<i2"), 4: np.dtype("<i4"), 5: np.dtype("<i8"),
-    6: np.dtype("<f8"), 7: np.dtype("<f8"), 8: np.dtype("<u2"), 9: np.dtype("<u4"), 10: np.dtype("<u8"),
+    1: np.dtype("u1"),
+    2: np.dtype("i1"),
+    3: np.dtype("<i2"),
+    4: np.dtype("<i4"),
+    5: np.dtype("<i8"),
+    6: np.dtype("<f8"),
+    7: np.dtype("<f8"),
+    8: np.dtype("<u2"),
+    9: np.dtype("<u4"),
+    10: np.dtype("<u8"),
 }
-_WRITE_CODES = {np.dtype("u1"): 1, np.dtype("i1"): 2, np.dtype("<i2"): 3, np.dtype("<i4"): 4,
-                np.dtype("<i8"): 5, np.dtype("<u2"): 8, np.dtype("<u4"): 9, np.dtype("<u8"): 10}
+_WRITE_CODES = {
+    np.dtype("u1"): 1,
+    np.dtype("i1"): 2,
+    np.dtype("<i2"): 3,
+    np.dtype("<i4"): 4,
+    np.dtype("<i8"): 5,
+    np.dtype("<u2"): 8,
+    np.dtype("<u4"): 9,
+    np.dtype("<u8"): 10,
+}
 _CHECK_CHUNK = 1 << 20  # sequences per step when validating offsets (bounds memory on huge indexes)
 
 
@@ -56,9 +72,9 @@ def _strip_suffix(prefix: str | os.PathLike) -> str:
 class MMapIndexedDatasetBuilder:
     """Write `PREFIX.bin`/`.idx`. Use as a context manager: an exception leaves no file behind.
 
-        with MMapIndexedDatasetBuilder(prefix, dtype_for_vocab(len(dictionary))) as out:
-            out.add_item(ids)          # or out.add_items(flat_ids, sizes)
-        # finalized on a clean exit
+    with MMapIndexedDatasetBuilder(prefix, dtype_for_vocab(len(dictionary))) as out:
+        out.add_item(ids)          # or out.add_items(flat_ids, sizes)
+    # finalized on a clean exit
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype, vocab_size: int | None = None):
@@ -167,13 +183,15 @@ class MMapIndexedDataset:
         idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
-                raise UserError(f"dataset file not found: {path} (binarize the text with python -m m11b_jax.preprocess)")
+                raise UserError(
+                    f"dataset file not found: {path} (binarize the text with python -m m11b_jax.preprocess)"
+                )
         idx_bytes = os.path.getsize(idx_path)
         with open(idx_path, "rb") as f:
             header = f.read(HEADER_BYTES)
         if header[: len(MAGIC)] != MAGIC:
             raise UserError(
-                f"{idx_path} is not a fairseq mmap index (magic {header[:len(MAGIC)]!r}, expected {MAGIC!r}): "
+                f"{idx_path} is not a fairseq mmap index (magic {header[: len(MAGIC)]!r}, expected {MAGIC!r}): "
                 "re-binarize with --dataset-impl mmap (python -m m11b_jax.preprocess)"
             )
         if len(header) < HEADER_BYTES:
@@ -202,12 +220,14 @@ class MMapIndexedDataset:
         bin_bytes = os.path.getsize(bin_path)
         if bin_bytes != self.num_tokens * self.dtype.itemsize:
             raise UserError(
-                f"{bin_path} is {bin_bytes} bytes but {idx_path} describes {self.num_tokens} {self.dtype.name} tokens "
-                f"({self.num_tokens * self.dtype.itemsize} bytes): the .bin and .idx do not belong together; re-binarize"
+                f"{bin_path} is {bin_bytes} bytes but {idx_path} describes {self.num_tokens} {self.dtype.name} "
+                f"tokens ({self.num_tokens * self.dtype.itemsize} bytes): the .bin and .idx do not belong together; "
+                "re-binarize"
             )
         self._tokens = (
             np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
-            if self.num_tokens else np.zeros(0, dtype=self.dtype)
+            if self.num_tokens
+            else np.zeros(0, dtype=self.dtype)
         )
 
     def _check_offsets(self, idx_path: str) -> int:
@@ -236,4 +256,3 @@ class MMapIndexedDataset:
     def tokens(self) -> np.ndarray:
         """All tokens as one 1-D memory-mapped array (nothing is read until it is indexed)."""
         return self._tokens
-

@@ -40,7 +40,11 @@ class TFDSTextSource:
         where = data_dir or "the default TFDS data_dir"
         try:
             self._records = tfds.data_source(
-                name, split=split, data_dir=data_dir, download=False, try_gcs=False,
+                name,
+                split=split,
+                data_dir=data_dir,
+                download=False,
+                try_gcs=False,
                 builder_kwargs={"file_format": "array_record"},
             )
         except tfds.core.registered.DatasetNotFoundError:

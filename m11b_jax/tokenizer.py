@@ -89,7 +89,9 @@ def load_vocab_bpe(path: str | os.PathLike) -> list[tuple[str, str]]:
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise UserError(f"{path} line {lineno}: expected two symbols 'left right', got {line!r}: re-download vocab.bpe")
+            raise UserError(
+                f"{path} line {lineno}: expected two symbols 'left right', got {line!r}: re-download vocab.bpe"
+            )
         merges.append((parts[0], parts[1]))
     if not merges:
         raise UserError(f"{path} holds no merges: re-download GPT-2's vocab.bpe")
@@ -123,11 +125,15 @@ class GPT2BPE:
         if engine != "python":
             self._tiktoken = self._build_tiktoken(merges)
             if self._tiktoken is None and engine == "tiktoken":
-                raise UserError("engine 'tiktoken' needs tiktoken installed and GPT-2-structured files: use engine 'auto'")
+                raise UserError(
+                    "engine 'tiktoken' needs tiktoken installed and GPT-2-structured files: use engine 'auto'"
+                )
         self.engine = "tiktoken" if self._tiktoken is not None else "python"
 
     @classmethod
-    def from_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike, engine: str = "auto") -> "GPT2BPE":
+    def from_files(
+        cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike, engine: str = "auto"
+    ) -> "GPT2BPE":
         """Load GPT-2's `encoder.json` and `vocab.bpe` (local files; nothing is downloaded)."""
         return cls(load_encoder_json(encoder_json), load_vocab_bpe(vocab_bpe), engine=engine)
 
@@ -161,7 +167,9 @@ class GPT2BPE:
         try:
             data = piece.encode("utf-8")
         except UnicodeEncodeError:
-            raise UserError(f"text holds a lone surrogate in {piece!r}: it cannot be UTF-8 encoded; fix the input text") from None
+            raise UserError(
+                f"text holds a lone surrogate in {piece!r}: it cannot be UTF-8 encoded; fix the input text"
+            ) from None
         symbols = [self._byte_map[b] for b in data]
         ranks = self.merge_ranks
         while len(symbols) > 1:

@@ -29,7 +29,8 @@ def test_first_build_is_quick_and_complete(built):
     assert seconds < 30
     assert path.parent == cache and path.name.startswith("py3.")
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["dict.txt", "manifest.json", "spm.model", "train.bin", "train.idx", "valid.bin", "valid.idx"])
+        ["dict.txt", "manifest.json", "spm.model", "train.bin", "train.idx", "valid.bin", "valid.idx"]
+    )
     assert [p.name for p in cache.iterdir()] == [path.name]  # no temporary folder left
 
 
@@ -66,6 +67,7 @@ def test_split_and_text(built):
     assert manifest["splits"]["valid"]["tokens"] > 20_000
     # The first train sequence decodes to the first non-empty line of the first file.
     sp = spm.SentencePieceProcessor(model_file=str(path / "spm.model"))
+
     def first_line(p):
         return next(line.expandtabs(4).rstrip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
 

@@ -20,8 +20,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def run_module(module: str, *args, stdin: bytes = b"") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", f"m11b_jax.{module}", *map(str, args)], input=stdin,
-                          capture_output=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", f"m11b_jax.{module}", *map(str, args)], input=stdin, capture_output=True, env=env
+    )
 
 
 def expect_user_error(capsys, main, argv, match: str) -> str:
@@ -38,8 +39,12 @@ def expect_user_error(capsys, main, argv, match: str) -> str:
 @pytest.fixture(scope="module")
 def gpt2(shared_data):
     d = shared_data / "gpt2_bpe"
-    return {"encoder": d / "encoder.json", "vocab": d / "vocab.bpe", "dict": d / "dict.txt",
-            "bpe": GPT2BPE.from_files(d / "encoder.json", d / "vocab.bpe")}
+    return {
+        "encoder": d / "encoder.json",
+        "vocab": d / "vocab.bpe",
+        "dict": d / "dict.txt",
+        "bpe": GPT2BPE.from_files(d / "encoder.json", d / "vocab.bpe"),
+    }
 
 
 def bpe_args(gpt2, *rest):
@@ -87,16 +92,30 @@ def test_bpe_bad_inputs(tmp_path, gpt2, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\nalso fine\nlatin-1 caf\xe9\n")
     out = tmp_path / "out.txt"
-    expect_user_error(capsys, bpe_cli.main, bpe_args(gpt2, "--inputs", bad, "--outputs", out), "bad.txt line 3 is not UTF-8")
+    expect_user_error(
+        capsys, bpe_cli.main, bpe_args(gpt2, "--inputs", bad, "--outputs", out), "bad.txt line 3 is not UTF-8"
+    )
     assert sorted(os.listdir(tmp_path)) == ["bad.txt", "good.txt"]  # no output, no temporary file
-    expect_user_error(capsys, bpe_cli.main, bpe_args(gpt2, "--inputs", good, good, "--outputs", out), "2 --inputs but 1 --outputs")
+    expect_user_error(
+        capsys, bpe_cli.main, bpe_args(gpt2, "--inputs", good, good, "--outputs", out), "2 --inputs but 1 --outputs"
+    )
     short = tmp_path / "short.txt"
     short.write_text("a\n")
-    expect_user_error(capsys, bpe_cli.main, bpe_args(gpt2, "--inputs", good, short, "--outputs", out, tmp_path / "o2"),
-                      "different numbers of lines")
-    expect_user_error(capsys, bpe_cli.main, ["--encoder-json", tmp_path / "missing.json", "--vocab-bpe", gpt2["vocab"],
-                                             "--inputs", good, "--outputs", out], "encoder.json not found")
-    expect_user_error(capsys, bpe_cli.main, bpe_args(gpt2, "--inputs", tmp_path / "nope", "--outputs", out), "input file not found")
+    expect_user_error(
+        capsys,
+        bpe_cli.main,
+        bpe_args(gpt2, "--inputs", good, short, "--outputs", out, tmp_path / "o2"),
+        "different numbers of lines",
+    )
+    expect_user_error(
+        capsys,
+        bpe_cli.main,
+        ["--encoder-json", tmp_path / "missing.json", "--vocab-bpe", gpt2["vocab"], "--inputs", good, "--outputs", out],
+        "encoder.json not found",
+    )
+    expect_user_error(
+        capsys, bpe_cli.main, bpe_args(gpt2, "--inputs", tmp_path / "nope", "--outputs", out), "input file not found"
+    )
     assert not out.exists()
 
 
@@ -116,11 +135,16 @@ def test_bpe_bad_input_with_workers_is_one_line(tmp_path, gpt2):
 
 @pytest.mark.parametrize(
     "line, want",
-    [(" = Robert Boulter = \n", "=Robert Boulter="),
-     (" = = Career = = ", "==Career=="),
-     (" The 2 @,@ 000 @-@ year @-@ old house , built in 1990 – 1991 . ", "The 2,000-year-old house, built in 1990–1991."),
-     (" ( born 1 January ) ", "(born 1 January)"),
-     ("", "")],
+    [
+        (" = Robert Boulter = \n", "=Robert Boulter="),
+        (" = = Career = = ", "==Career=="),
+        (
+            " The 2 @,@ 000 @-@ year @-@ old house , built in 1990 – 1991 . ",
+            "The 2,000-year-old house, built in 1990–1991.",
+        ),
+        (" ( born 1 January ) ", "(born 1 January)"),
+        ("", ""),
+    ],
 )
 def test_detokenize_line(line, want):
     assert detokenize_line(line) == want
@@ -151,13 +175,26 @@ def test_preprocess_splits_and_summary(tmp_path, small_dict, capsys):
     for name, text in {"tr": "10 20\n30 99\n\n", "va": "20\n", "va2": "10 10 10\n", "te": "30 30\n"}.items():
         (tmp_path / name).write_text(text)
     dest = tmp_path / "bin"
-    preprocess_cli.main(["--only-source", "--trainpref", str(tmp_path / "tr"), "--validpref",
-                         f"{tmp_path / 'va'},{tmp_path / 'va2'}", "--testpref", str(tmp_path / "te"),
-                         "--srcdict", str(small_dict), "--destdir", str(dest)])
+    preprocess_cli.main(
+        [
+            "--only-source",
+            "--trainpref",
+            str(tmp_path / "tr"),
+            "--validpref",
+            f"{tmp_path / 'va'},{tmp_path / 'va2'}",
+            "--testpref",
+            str(tmp_path / "te"),
+            "--srcdict",
+            str(small_dict),
+            "--destdir",
+            str(dest),
+        ]
+    )
     out = capsys.readouterr().out
     assert "train: " in out and "3 sents, 7 tokens, 14.3% replaced by <unk>" in out
     assert sorted(p.name for p in dest.iterdir()) == sorted(
-        ["dict.txt"] + [f"{s}.{e}" for s in ("train", "valid", "valid1", "test") for e in ("bin", "idx")])
+        ["dict.txt"] + [f"{s}.{e}" for s in ("train", "valid", "valid1", "test") for e in ("bin", "idx")]
+    )
     train = MMapIndexedDataset(dest / "train")
     assert [train[i].tolist() for i in range(3)] == [[4, 5, 2], [6, 3, 2], [2]]
     assert MMapIndexedDataset(dest / "valid1")[0].tolist() == [4, 4, 4, 2]
@@ -165,13 +202,25 @@ def test_preprocess_splits_and_summary(tmp_path, small_dict, capsys):
 
 def test_preprocess_workers_give_identical_files(tmp_path, small_dict):
     rng = np.random.default_rng(0)
-    text = "".join(" ".join(str(x) for x in rng.choice([10, 20, 30, 40], rng.integers(0, 20))) + "\n" for _ in range(5000))
+    text = "".join(
+        " ".join(str(x) for x in rng.choice([10, 20, 30, 40], rng.integers(0, 20))) + "\n" for _ in range(5000)
+    )
     (tmp_path / "big").write_text(text)
     outs = []
     for workers in (1, 2):
         dest = tmp_path / f"w{workers}"
-        r = run_module("preprocess", "--only-source", "--trainpref", tmp_path / "big", "--srcdict", small_dict,
-                       "--destdir", dest, "--workers", workers)
+        r = run_module(
+            "preprocess",
+            "--only-source",
+            "--trainpref",
+            tmp_path / "big",
+            "--srcdict",
+            small_dict,
+            "--destdir",
+            dest,
+            "--workers",
+            workers,
+        )
         assert r.returncode == 0, r.stderr
         outs.append([(dest / f"train.{e}").read_bytes() for e in ("bin", "idx")])
     assert outs[0] == outs[1]
@@ -188,25 +237,46 @@ def test_preprocess_bad_inputs(tmp_path, small_dict, capsys):
     expect_user_error(capsys, preprocess_cli.main, ["--trainpref", good, *base], "pass --only-source")
     expect_user_error(capsys, preprocess_cli.main, ["--only-source", *base], "nothing to binarize")
     expect_user_error(capsys, preprocess_cli.main, ["--only-source", "--trainpref", empty, *base], "empty.txt is empty")
-    expect_user_error(capsys, preprocess_cli.main, ["--only-source", "--trainpref", tmp_path / "nope", *base],
-                      "input file not found")
-    expect_user_error(capsys, preprocess_cli.main, ["--only-source", "--trainpref", good, "--srcdict", tmp_path / "no.txt",
-                                                    "--destdir", dest], "dictionary not found")
+    expect_user_error(
+        capsys, preprocess_cli.main, ["--only-source", "--trainpref", tmp_path / "nope", *base], "input file not found"
+    )
+    expect_user_error(
+        capsys,
+        preprocess_cli.main,
+        ["--only-source", "--trainpref", good, "--srcdict", tmp_path / "no.txt", "--destdir", dest],
+        "dictionary not found",
+    )
     bad_dict = tmp_path / "bad_dict.txt"
     bad_dict.write_text("10 5\n20\n")
-    expect_user_error(capsys, preprocess_cli.main, ["--only-source", "--trainpref", good, "--srcdict", bad_dict,
-                                                    "--destdir", dest], "bad_dict.txt line 2: expected '<symbol> <count>'")
+    expect_user_error(
+        capsys,
+        preprocess_cli.main,
+        ["--only-source", "--trainpref", good, "--srcdict", bad_dict, "--destdir", dest],
+        "bad_dict.txt line 2: expected '<symbol> <count>'",
+    )
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"10\n20\n\x80\n")
-    expect_user_error(capsys, preprocess_cli.main, ["--only-source", "--trainpref", bad, *base], "bad.txt line 3 is not UTF-8")
+    expect_user_error(
+        capsys, preprocess_cli.main, ["--only-source", "--trainpref", bad, *base], "bad.txt line 3 is not UTF-8"
+    )
     assert not dest.exists() or [p.name for p in dest.iterdir()] == []
 
 
 def test_preprocess_bad_line_number_with_workers(tmp_path, small_dict):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"10 20\n" * 3000 + b"30 \xc0\n" + b"10\n" * 100)
-    r = run_module("preprocess", "--only-source", "--trainpref", bad, "--srcdict", small_dict,
-                   "--destdir", tmp_path / "bin", "--workers", 2)
+    r = run_module(
+        "preprocess",
+        "--only-source",
+        "--trainpref",
+        bad,
+        "--srcdict",
+        small_dict,
+        "--destdir",
+        tmp_path / "bin",
+        "--workers",
+        2,
+    )
     assert r.returncode == 2
     assert "bad.txt line 3001 is not UTF-8" in r.stderr.decode()
     assert r.stderr.decode().count("\n") == 1

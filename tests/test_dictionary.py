@@ -45,8 +45,12 @@ def test_pad_to_multiple_small():
     for w in "a b c".split():
         d.add_symbol(w)
     d.pad_to_multiple(8)
-    assert d.symbols[4:] == ["a", "b", "c", "madeupword0000", "madeupword0001", "madeupword0002", "madeupword0003",
-                             "madeupword0004"][: len(d) - 4]
+    assert (
+        d.symbols[4:]
+        == ["a", "b", "c", "madeupword0000", "madeupword0001", "madeupword0002", "madeupword0003", "madeupword0004"][
+            : len(d) - 4
+        ]
+    )
     assert len(d) == 8 and d.counts[-1] == 0
     assert len(d.pad_to_multiple(8)) == 8  # already a multiple: unchanged
     assert len(d.pad_to_multiple(1)) == 8
@@ -94,9 +98,14 @@ def test_missing_dict(tmp_path):
 
 @pytest.mark.parametrize(
     "content, match",
-    [(b"a 1\nnocount\n", "line 2: expected '<symbol> <count>'"), (b"a 1\nb x\n", "line 2: expected"),
-     (b"a 1\n\n", "line 2: expected"), (b"a 1\nb 2\na 3\n", "line 3: duplicate symbol 'a'"),
-     (b"</s> 1\n", "line 1: duplicate symbol '</s>'"), (b"a 1\nb 2\n\xff\xfe 3\n", "line 3 is not UTF-8")],
+    [
+        (b"a 1\nnocount\n", "line 2: expected '<symbol> <count>'"),
+        (b"a 1\nb x\n", "line 2: expected"),
+        (b"a 1\n\n", "line 2: expected"),
+        (b"a 1\nb 2\na 3\n", "line 3: duplicate symbol 'a'"),
+        (b"</s> 1\n", "line 1: duplicate symbol '</s>'"),
+        (b"a 1\nb 2\n\xff\xfe 3\n", "line 3 is not UTF-8"),
+    ],
 )
 def test_malformed_dict(tmp_path, content, match):
     path = tmp_path / "dict.txt"

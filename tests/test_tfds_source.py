@@ -27,7 +27,9 @@ class M11bTinyText(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        features = tfds.features.FeaturesDict({"text": tfds.features.Text(), "id": tfds.features.Scalar(dtype=np.int32)})
+        features = tfds.features.FeaturesDict(
+            {"text": tfds.features.Text(), "id": tfds.features.Scalar(dtype=np.int32)}
+        )
         return tfds.core.DatasetInfo(builder=self, features=features)
 
     def _split_generators(self, dl_manager):
@@ -72,8 +74,7 @@ def test_token_stream_matches_fairseq_pipeline(data_dir, encode, shared_data):
     bpe, dictionary = GPT2BPE.from_files(d / "encoder.json", d / "vocab.bpe"), Dictionary.load(d / "dict.txt")
     lines = [line.strip() for text in source.texts() for line in text.splitlines() if line.strip()]
     assert len(lines) == 5
-    expected = np.concatenate(
-        [dictionary.encode_line(" ".join(map(str, bpe.encode(line)))) for line in lines])
+    expected = np.concatenate([dictionary.encode_line(" ".join(map(str, bpe.encode(line)))) for line in lines])
     assert tokens.dtype == np.int32
     assert tokens.tolist() == expected.tolist()
     blocks = TokenBlocks(tokens, 8)

@@ -5,7 +5,6 @@ paper/repo) but is written independently of m11b_jax.tokenizer: it works on byte
 printable-character alphabet, and merges one leftmost lowest-rank pair per step.
 """
 
-import functools
 import json
 import random
 import unicodedata
@@ -47,9 +46,14 @@ class ReferenceBPE:
             a, b = line.split(" ")
             self.rank[(to_bytes(a), to_bytes(b))] = r
         self.pattern = regex.compile(PUBLISHED_PATTERN)
+        self.cache = {}
 
-    @functools.lru_cache(maxsize=None)
     def piece(self, piece: str) -> tuple:
+        if piece not in self.cache:
+            self.cache[piece] = self.merge(piece)
+        return self.cache[piece]
+
+    def merge(self, piece: str) -> tuple:
         parts = [bytes([b]) for b in piece.encode("utf-8")]
         while True:
             candidates = [(self.rank[p], i) for i, p in enumerate(zip(parts, parts[1:])) if p in self.rank]
@@ -209,8 +213,13 @@ def test_missing_files(tmp_path, files):
 
 @pytest.mark.parametrize(
     "content, match",
-    [("{not json", "not valid JSON"), ('["a", "b"]', "must map token strings"), ('{"a": "1"}', "must map token strings"),
-     ('{"a": 1, "b": 1}', "same id"), (b"\xff\xfe{}", "not valid JSON")],
+    [
+        ("{not json", "not valid JSON"),
+        ('["a", "b"]', "must map token strings"),
+        ('{"a": "1"}', "must map token strings"),
+        ('{"a": 1, "b": 1}', "same id"),
+        (b"\xff\xfe{}", "not valid JSON"),
+    ],
 )
 def test_malformed_encoder_json(tmp_path, files, content, match):
     path = tmp_path / "encoder.json"
@@ -229,8 +238,11 @@ def test_encoder_json_missing_byte_tokens(tmp_path, files):
 
 @pytest.mark.parametrize(
     "content, match",
-    [("Ġ t\nh e\n", "line 1 should be the '#version"), ("#version: 0.2\nĠ t\nonly-one\n", "line 3: expected two symbols"),
-     ("#version: 0.2\n", "no merges")],
+    [
+        ("Ġ t\nh e\n", "line 1 should be the '#version"),
+        ("#version: 0.2\nĠ t\nonly-one\n", "line 3: expected two symbols"),
+        ("#version: 0.2\n", "no merges"),
+    ],
 )
 def test_malformed_vocab_bpe(tmp_path, files, content, match):
     path = tmp_path / "vocab.bpe"

@@ -23,7 +23,10 @@ def run_cli(module: str, *args, stdout=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", f"m11b_jax.{module}", *map(str, args)],
-        env=env, check=True, stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env,
+        check=True,
+        stdout=stdout if stdout is not None else subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=stdout is None,
     )
 
@@ -36,13 +39,34 @@ def pipeline(shared_data, tmp_path_factory):
     bpe_dir = shared_data / "gpt2_bpe"
     with open(work / "wiki.test.detok", "wb") as out:
         run_cli("detok", raw, stdout=out)
-    run_cli("bpe", "--encoder-json", bpe_dir / "encoder.json", "--vocab-bpe", bpe_dir / "vocab.bpe",
-            "--inputs", work / "wiki.test.detok", "--outputs", work / "wiki.test.bpe", "--workers", 2)
+    run_cli(
+        "bpe",
+        "--encoder-json",
+        bpe_dir / "encoder.json",
+        "--vocab-bpe",
+        bpe_dir / "vocab.bpe",
+        "--inputs",
+        work / "wiki.test.detok",
+        "--outputs",
+        work / "wiki.test.bpe",
+        "--workers",
+        2,
+    )
     logs = {}
     for name, workers in (("dict.txt", 1), ("dict.51200.txt", 2)):
         dest = work / f"bin-{name}"
-        logs[name] = run_cli("preprocess", "--only-source", "--testpref", work / "wiki.test.bpe",
-                             "--srcdict", bpe_dir / name, "--destdir", dest, "--workers", workers).stdout
+        logs[name] = run_cli(
+            "preprocess",
+            "--only-source",
+            "--testpref",
+            work / "wiki.test.bpe",
+            "--srcdict",
+            bpe_dir / name,
+            "--destdir",
+            dest,
+            "--workers",
+            workers,
+        ).stdout
     return work, logs
 
 
