@@ -149,3 +149,18 @@ def check_fits(report: dict, device_memory_gb: float) -> None:
 
 def dumps(report: dict) -> str:
     return json.dumps(report, indent=2)
+
+
+def target_mesh(target: str | None, n_devices: int, model_parallel_size: int):
+    """A (data, model) mesh of `n_devices` for an ahead-of-time compile: the GPU named by `target` (no GPU
+    needed, see m11b_jax.targets), or this host's devices when target is None."""
+    if target is None:
+        devices = jax.devices()
+        if len(devices) < n_devices:
+            raise UserError(
+                f"{n_devices} devices requested but only {len(devices)} present: simulate CPU devices with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={n_devices}")
+        return S.make_mesh(model_parallel_size, devices[:n_devices])
+    from m11b_jax.targets import target_devices
+
+    return S.make_mesh(model_parallel_size, target_devices(target, n_devices))

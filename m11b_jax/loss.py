@@ -20,20 +20,41 @@ from jax.sharding import Mesh, PartitionSpec as P
 from m11b_jax.sharding import DATA, MODEL
 
 
-def _local_xent(logits, targets, pad_idx):
-    """Runs per device: logits [b, t, V/mp] (this device's vocab slice), targets [b, t] (global ids)."""
-    logits = logits.astype(jnp.float32)
+def _nll_forward(logits, targets):
+    """Per device: logits [b, t, V/mp] (this device's vocab slice, any float dtype), targets [b, t] (global ids)."""
     v_local = logits.shape[-1]
-    start = jax.lax.axis_index(MODEL) * v_local
-    # The max only shifts for stability; log-sum-exp's gradient does not depend on it.
-    m = jax.lax.pmax(jax.lax.stop_gradient(logits.max(axis=-1)), MODEL)
-    sum_exp = jax.lax.psum(jnp.exp(logits - m[..., None]).sum(axis=-1), MODEL)
-    local_idx = targets - start
+    l32 = logits.astype(jnp.float32)
+    local_idx = targets - jax.lax.axis_index(MODEL) * v_local
     owned = (local_idx >= 0) & (local_idx < v_local)
-    picked = jnp.take_along_axis(logits, jnp.clip(local_idx, 0, v_local - 1)[..., None], axis=-1)[..., 0]
+    # The max only shifts for stability; it cancels exactly in the result.
+    m = jax.lax.pmax(l32.max(axis=-1), MODEL)
+    sum_exp = jax.lax.psum(jnp.exp(l32 - m[..., None]).sum(axis=-1), MODEL)
+    lse = jnp.log(sum_exp) + m
+    picked = jnp.take_along_axis(l32, jnp.clip(local_idx, 0, v_local - 1)[..., None], axis=-1)[..., 0]
     target_logit = jax.lax.psum(jnp.where(owned, picked, 0.0), MODEL)
-    nll = jnp.log(sum_exp) - (target_logit - m)
+    return lse - target_logit, (logits, lse, local_idx, owned)
+
+
+@jax.custom_vjp
+def _token_nll(logits, targets):
+    return _nll_forward(logits, targets)[0]
+
+
+def _token_nll_bwd(residuals, g):
+    """d nll / d logits = softmax - onehot, computed from the saved logits and log-sum-exp: no collective, and
+    no fp32 copy of the [b, t, V/mp] logits is kept between the forward and the backward pass."""
+    logits, lse, local_idx, owned = residuals
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    onehot = (jnp.arange(logits.shape[-1]) == local_idx[..., None]) & owned[..., None]
+    return ((probs - onehot) * g[..., None]).astype(logits.dtype), None
+
+
+_token_nll.defvjp(_nll_forward, _token_nll_bwd)
+
+
+def _local_xent(logits, targets, pad_idx):
     mask = targets != pad_idx
+    nll = _token_nll(logits, targets)
     loss = jax.lax.psum(jnp.where(mask, nll, 0.0).sum(), DATA)
     ntokens = jax.lax.psum(mask.sum(dtype=jnp.int32), DATA)
     return loss, ntokens

@@ -103,15 +103,16 @@ class SelfAttention(nn.Module):
         k = heads(_dense(d, ("embed", "heads"), cfg, "k_proj")(x))
         v = heads(_dense(d, ("embed", "heads"), cfg, "v_proj")(x))
 
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        # Like fairseq in mixed precision: scores in the compute dtype, the softmax in fp32, probs cast back.
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
         causal = jnp.tril(jnp.ones((t, t), dtype=bool))
         allowed = causal[None, None] & key_mask[:, None, None, :]
         # A finite minimum (not -inf) keeps fully masked rows (pad queries) finite.
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
+        scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         if not deterministic and cfg.attention_dropout > 0:
             probs = _dropout_16bit(probs, cfg.attention_dropout, self.make_rng("dropout"))
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV)).reshape(b, t, d)
         return _dense(d, ("heads", "embed"), cfg, "out_proj")(out)
 
