@@ -4,7 +4,9 @@
 into blocks of T tokens across line boundaries, exactly as fairseq's TokenBlockDataset in 'none'
 mode with include_targets: block i's target is `stream[i*T : (i+1)*T]` and its source is the
 stream shifted right by one, `stream[i*T-1 : (i+1)*T-1]`, with `</s>` (index 2) before the very
-first token. fairseq keeps the final short block (ceil(N/T) blocks; its TokenBlockDataset slices
+first token. (fairseq puts `</s>` before any block that starts a sequence; every sequence of a
+fairseq data-bin ends with `</s>`, so that is the stream's previous token: the same shift.)
+fairseq keeps the final short block (ceil(N/T) blocks; its TokenBlockDataset slices
 `[i*T, min((i+1)*T, N))`), and so do we: batches pad it on the right with `<pad>` (index 1) in
 both source and target, and a loss must skip targets equal to pad, as fairseq's does.
 

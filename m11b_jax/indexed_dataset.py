@@ -12,7 +12,10 @@
 
 `fairseq-preprocess` (the release's version) stores uint16 when the dictionary has fewer than
 65500 symbols, else int32; `dtype_for_vocab` makes the same choice, so the files written here are
-byte-identical to fairseq's for the same input and dictionary.
+byte-identical to fairseq's for the same input and dictionary (checked against fairseq 0.12.2's
+own binarizer by benchmarks/check_fairseq_parity.py). fairseq >= 0.12 stores uint32 instead of
+int32 for big vocabularies: the .bin bytes are the same, the .idx differs in the dtype code, and
+the reader accepts both.
 
 The reader maps both files (np.memmap) and never reads `.bin` whole; it checks the magic, the
 version, the dtype, that the offsets follow from the sizes, and that `.bin` has exactly the
