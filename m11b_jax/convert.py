@@ -22,6 +22,7 @@ import argparse
 import collections
 import hashlib
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -33,6 +34,7 @@ import numpy as np
 from m11b_jax.config import DTYPES, ModelConfig
 from m11b_jax.dictionary import EOS, Dictionary
 from m11b_jax.errors import UserError, cli_main
+from m11b_jax.textio import default_file_mode
 from m11b_jax.fairseq_io import (checkpoint_options, dictionary_multiple, find_shards, load_shard,
                                  model_config_from_options, numpy_to_tensor, padded_size, save_shard,
                                  tensor_to_numpy)
@@ -118,7 +120,14 @@ def _config_diff(a: ModelConfig, mp_a: int, b: ModelConfig, mp_b: int) -> str:
 
 
 def _check_ranks(shards: dict[int, pathlib.Path], mp: int) -> None:
-    stem = shards[0].name.removesuffix("-model_part-0.pt")
+    first = shards[0].name
+    if not first.endswith("-model_part-0.pt"):
+        if mp > 1:
+            stem = first.removesuffix(".pt")
+            raise UserError(f"{first} is a single file but records model_parallel_size {mp}: expected "
+                            f"{stem}-model_part-0.pt .. {stem}-model_part-{mp - 1}.pt")
+        return
+    stem = first.removesuffix("-model_part-0.pt")
     if len(shards) < mp:
         names = ", ".join(f"{stem}-model_part-{r}.pt" for r in range(len(shards), mp))
         raise UserError(f"missing shard(s) {names}: the checkpoint records model_parallel_size {mp} "
@@ -246,6 +255,7 @@ def export_fairseq(ckpt, outdir, model_parallel_size: int, dtype: str | None = N
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
     written = []
     try:
+        os.chmod(tmp, default_file_mode(directory=True))  # mkdtemp makes 0700
         for rank in range(mp):
             t0 = time.perf_counter()
             model = collections.OrderedDict()

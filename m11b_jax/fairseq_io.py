@@ -231,21 +231,24 @@ def model_config_from_options(opts: Mapping[str, Any], vocab_size: int) -> tuple
     if o["activation_fn"] != "gelu":
         raise UserError(f"{arch} checkpoint uses activation_fn={o['activation_fn']!r}: only 'gelu' (exact erf) "
                         "is implemented")
-    d = int(o["decoder_embed_dim"])
+    d = o["decoder_embed_dim"]
     for dim in ("decoder_input_dim", "decoder_output_dim"):
         if o.get(dim) not in (None, d):
             raise UserError(f"{arch} checkpoint has {dim}={o[dim]} != decoder_embed_dim={d}: "
                             "projected inputs/outputs are not implemented")
     max_positions = o.get("max_target_positions") or o.get("tokens_per_sample") or DEFAULT_MAX_TARGET_POSITIONS
     base = load_config(arch) if (CONFIG_DIR / f"{arch}.json").is_file() else ModelConfig()
-    cfg = base.replace(
-        name=arch, vocab_size=int(vocab_size), d_model=d, ffn_dim=int(o["decoder_ffn_embed_dim"]),
-        num_layers=int(o["decoder_layers"]), num_heads=int(o["decoder_attention_heads"]),
-        max_positions=int(max_positions), dropout=float(o["dropout"]),
-        attention_dropout=float(o["attention_dropout"]),
-        activation_dropout=float(o.get("activation_dropout") or o.get("relu_dropout") or 0.0),
-    )
-    mp = int(o.get("model_parallel_size") or 1)
+    try:
+        cfg = base.replace(
+            name=arch, vocab_size=int(vocab_size), d_model=int(o["decoder_embed_dim"]),
+            ffn_dim=int(o["decoder_ffn_embed_dim"]), num_layers=int(o["decoder_layers"]),
+            num_heads=int(o["decoder_attention_heads"]), max_positions=int(max_positions),
+            dropout=float(o["dropout"]), attention_dropout=float(o["attention_dropout"]),
+            activation_dropout=float(o.get("activation_dropout") or o.get("relu_dropout") or 0.0),
+        )
+        mp = int(o.get("model_parallel_size") or 1)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{arch} checkpoint has an unreadable model option ({e}): is its args/cfg intact?") from None
     return cfg.validate(mp), mp
 
 

@@ -33,6 +33,7 @@ from flax import traverse_util
 
 from m11b_jax.config import DTYPES, ModelConfig
 from m11b_jax.errors import UserError
+from m11b_jax.textio import default_file_mode
 
 FORMAT = "m11b_jax.params"
 FORMAT_VERSION = 1
@@ -120,6 +121,7 @@ class ParamsWriter:
         parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
         try:
+            os.chmod(self.tmp_dir, default_file_mode(directory=True))  # mkdtemp makes 0700
             for path, (shape, names) in self.specs.items():
                 metadata = {
                     "shape": list(shape),
@@ -145,7 +147,7 @@ class ParamsWriter:
         value = np.asarray(value)
         if tuple(target.shape) != value.shape:
             raise ValueError(f"{leaf_dir_name(path)}{index}: block shape {value.shape} != target {tuple(target.shape)}")
-        target.write(value.astype(self.dtype, copy=False)).result()
+        target.write(np.ascontiguousarray(value, dtype=self.dtype)).result()  # numpy transposes faster than ts
         self._written[path] += value.size
 
     def finish(self) -> pathlib.Path:
@@ -294,8 +296,10 @@ def load_params(path: str | os.PathLike, mesh, rules, dtype=None, cfg: ModelConf
         shards = []
         for index, devices in devices_by_index.values():
             host = reader.read(leaf, index).astype(out_dtype, copy=False)
-            shards.extend(jax.device_put(host, d) for d in devices)
-            del host
+            placed = [jax.device_put(host, d) for d in devices]
+            jax.block_until_ready(placed)  # the host slice is dropped before the next one is read
+            shards.extend(placed)
+            del host, placed
         out[leaf] = jax.make_array_from_single_device_arrays(sds.shape, sds.sharding, shards)
     return traverse_util.unflatten_dict(out)
 

@@ -30,6 +30,7 @@ from m11b_jax.fairseq_io import load_shard
 from m11b_jax.fairseq_layout import from_fairseq_state_dict, to_fairseq_state_dict
 from m11b_jax.model import TransformerLM
 from m11b_jax.sharding import activate, logical_rules, make_mesh
+from m11b_jax.textio import default_file_mode
 from xglm_reference import xglm_from_fairseq_state, xglm_logits
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -108,6 +109,7 @@ def test_converted_logits_match_xglm(converted, merged):
 def test_converted_weights_are_the_merged_shards(converted, merged, release):
     assert_same_weights(host_params(converted), rounded(merged, torch.float16), DIMS["layers"])
     assert (converted / "dict.txt").read_bytes() == (release / "dict.txt").read_bytes()
+    assert converted.stat().st_mode & 0o777 == default_file_mode(directory=True)  # not mkdtemp's 0700
 
 
 @pytest.mark.parametrize("legacy,dtype", [(False, torch.float32), (False, torch.bfloat16), (True, torch.bfloat16)])
@@ -291,6 +293,9 @@ def test_fewer_files_than_recorded_model_parallel_size(tmp_path, merged):
     src = ff.write_release(tmp_path / "src", merged, **DIMS, mp=4, dict_lines=DICT_LINES,
                            args=ff.fairseq_args(32, 64, 2, 8, mp=8))
     assert_refused(src, tmp_path / "out", r"missing shard\(s\) model-model_part-4.pt, .*records model_parallel_size 8")
+    one = ff.write_release(tmp_path / "one", merged, **DIMS, mp=1, dict_lines=DICT_LINES,
+                           args=ff.fairseq_args(32, 64, 2, 8, mp=2))
+    assert_refused(one, tmp_path / "out", "model.pt is a single file but records model_parallel_size 2")
 
 
 def test_shapes_disagree(tmp_path, merged):
