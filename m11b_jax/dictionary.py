@@ -9,6 +9,7 @@ appending `</s>`.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Iterable
 
@@ -144,10 +145,11 @@ class Dictionary:
         unk_symbol = SPECIALS[UNK]
         for line in lines:
             words = line.split()
-            ids = [get(word, UNK) for word in words]
-            replaced += ids.count(UNK) - words.count(unk_symbol)
+            ids = list(map(get, words, itertools.repeat(UNK, len(words))))
+            if UNK in ids:  # a literal "<unk>" in the text is not a replacement
+                replaced += ids.count(UNK) - words.count(unk_symbol)
             if append_eos:
                 ids.append(EOS)
-            flat.extend(ids)
+            flat += ids
             sizes.append(len(ids))
         return np.array(flat, dtype=np.int64), np.array(sizes, dtype=np.int32), replaced

@@ -35,7 +35,9 @@ def _init_worker(dict_path: str) -> None:
 
 def _encode_range(args: tuple[str, int, int]):
     path, start, end = args
-    return _worker_dict.encode_lines(iter_lines(path, start, end))
+    flat, sizes, replaced = _worker_dict.encode_lines(iter_lines(path, start, end))
+    # Indices are < len(dictionary), which the dataset dtype holds: send them compact.
+    return flat.astype(dtype_for_vocab(len(_worker_dict))), sizes, replaced
 
 
 def binarize_file(
