@@ -1,0 +1,485 @@
+"""`python -m m11b_jax.eval_lm`: language-model perplexity with fairseq-eval-lm's `--context-window` rule.
+
+    python -m m11b_jax.eval_lm DATA_BIN --path CKPT [--gen-subset test] [--tokens-per-sample 1024]
+        [--context-window 992] [--batch-size 8] [--model-parallel-size N] [--dtype float32|bfloat16]
+        [--orig-token-count N | --orig-tokens-file wiki.test.tokens] [--output-token-logprobs FILE.npy] [--json]
+    python -m m11b_jax.eval_lm --compile-only --arch transformer_lm_megatron_11b [--model-parallel-size 8]
+        [--dtype float32|bfloat16] [--batch-size B]
+
+The scoring rule (fairseq `eval_lm` + `LMContextWindowDataset`, as ../shared/REFERENCE.md states it):
+the split's tokens, all lines back to back, are one stream t0 t1 ... t(N-1); the model's inputs are that
+stream shifted right by one with `</s>` first, inputs = [eos, t0, t1, ...]. Targets are cut into blocks
+of `block = tokens_per_sample - context_window` tokens; block b (targets s = b*block .. e-1) is scored
+by ONE forward pass over inputs[max(0, s - context_window) : e], of which only its own targets count.
+Positions restart at 2 in every window, the first blocks see less (or no) context, every token
+(`</s>` included) is scored exactly once. Loss is reported in base 2, ppl = 2^loss; tokens scored
+-inf (or +inf) are left out of the sum and the count, as fairseq does.
+
+Normalized perplexity (the Megatron-11b README): 2^(log2(ppl) * ntokens / orig_token_count), where the
+original count is Megatron's word count of the untokenized-BPE text (`--orig-tokens-file`).
+
+Windows are batched (`--batch-size` per data-parallel replica, right padding with `<pad>`), the model is
+laid out over a (data, model) mesh of all devices by `m11b_jax.sharding`'s table, and the step is
+compiled once (the last batch is padded with empty windows). The forward pass is `m11b_jax.scoring`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from m11b_jax.errors import UserError, cli_main
+
+RELEASE_TOKENS_PER_SAMPLE, RELEASE_CONTEXT_WINDOW = 1024, 992
+EVAL_DTYPES = ("float32", "bfloat16")
+
+
+# ---- the scoring rule: which inputs each block of targets sees -----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextWindows:
+    """fairseq eval_lm's blocks and windows over a stream of `num_tokens` targets."""
+
+    num_tokens: int
+    tokens_per_sample: int
+    context_window: int
+
+    def __post_init__(self):
+        if self.tokens_per_sample < 1:
+            raise UserError(f"--tokens-per-sample {self.tokens_per_sample} must be >= 1")
+        if not 0 <= self.context_window < self.tokens_per_sample:
+            raise UserError(
+                f"--context-window {self.context_window} must be >= 0 and smaller than --tokens-per-sample "
+                f"{self.tokens_per_sample} (each window scores tokens_per_sample - context_window tokens): "
+                f"lower --context-window, e.g. {RELEASE_CONTEXT_WINDOW} with {RELEASE_TOKENS_PER_SAMPLE}")
+        if self.num_tokens < 1:
+            raise UserError("the split holds no tokens: binarize a non-empty text file")
+
+    @property
+    def block(self) -> int:
+        """Targets scored per window."""
+        return self.tokens_per_sample - self.context_window
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_tokens // self.block)
+
+    def bounds(self, block_ids: np.ndarray):
+        """For each block: (window start a, first target s, end e); the window is inputs[a:e], targets t[s:e]."""
+        s = np.asarray(block_ids, dtype=np.int64) * self.block
+        e = np.minimum(s + self.block, self.num_tokens)
+        a = np.maximum(s - self.context_window, 0)
+        return a, s, e
+
+    def batch(self, stream: np.ndarray, block_ids: np.ndarray, *, eos: int, pad: int):
+        """Model inputs for `block_ids` (-1 = an empty padding row).
+
+        Returns tokens [n, tokens_per_sample] (window inputs, right-padded with pad), first [n] (position of
+        the block's first target inside the window) and targets [n, block] (pad where there is none).
+        """
+        block_ids = np.asarray(block_ids, dtype=np.int64)
+        real = block_ids >= 0
+        a, s, e = self.bounds(np.where(real, block_ids, 0))
+        e = np.where(real, e, a)  # padding rows: an empty window
+        n_last = self.num_tokens - 1
+        idx = a[:, None] + np.arange(self.tokens_per_sample)[None, :]  # index into inputs = [eos] + stream
+        shifted = np.asarray(stream[np.clip(idx - 1, 0, n_last)], dtype=np.int32)
+        tokens = np.where(idx < e[:, None], np.where(idx == 0, eos, shifted), pad).astype(np.int32)
+        tidx = s[:, None] + np.arange(self.block)[None, :]
+        targets = np.where(tidx < e[:, None], np.asarray(stream[np.clip(tidx, 0, n_last)], dtype=np.int32), pad)
+        return tokens, (s - a).astype(np.int32), targets.astype(np.int32)
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+
+def normalized_ppl(ppl: float, ntokens: int, orig_token_count: int) -> float:
+    """The Megatron-11b README's renormalization: 2^(log2(ppl) * ntokens / orig_token_count)."""
+    if orig_token_count < 1:
+        raise UserError(f"the original token count must be >= 1, got {orig_token_count}")
+    return 2.0 ** (math.log2(ppl) * ntokens / orig_token_count)
+
+
+@dataclasses.dataclass
+class EvalResult:
+    token_logprobs: np.ndarray  # natural-log probability of every token, in stream order (fp32)
+    elapsed_s: float  # scoring time after compilation
+    compile_s: float = 0.0
+
+    @property
+    def finite(self) -> np.ndarray:
+        return np.isfinite(self.token_logprobs)
+
+    @property
+    def ntokens(self) -> int:
+        return int(self.finite.sum())
+
+    @property
+    def loss_base2(self) -> float:
+        lp = self.token_logprobs[self.finite].astype(np.float64)
+        return float(-lp.sum() / max(lp.size, 1) / math.log(2))
+
+    @property
+    def ppl(self) -> float:
+        return 2.0 ** self.loss_base2
+
+    def summary(self, orig_token_count: int | None = None) -> dict:
+        return {
+            "ntokens": self.ntokens,
+            "loss_base2": self.loss_base2,
+            "ppl": self.ppl,
+            "normalized_ppl": None if orig_token_count is None else normalized_ppl(self.ppl, self.ntokens,
+                                                                                 orig_token_count),
+            "orig_token_count": orig_token_count,
+            "skipped_inf": int(self.token_logprobs.size - self.ntokens),
+            "elapsed_s": self.elapsed_s,
+            "tokens_per_s": self.token_logprobs.size / self.elapsed_s if self.elapsed_s > 0 else None,
+            "compile_s": self.compile_s,
+        }
+
+
+# ---- the sharded, compiled scoring step ----------------------------------------------------------
+
+
+def default_attention_chunk(platform: str) -> int:
+    """Query chunk of the causal attention: small on CPU (cache-sized blocks), large on accelerators."""
+    return 64 if platform == "cpu" else 256
+
+
+def make_score_step(cfg, mesh, rules, attention_chunk: int):
+    """jit of scoring.score_positions with the params' and the batch's shardings on `mesh`."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from m11b_jax import sharding as S
+    from m11b_jax.scoring import score_positions
+
+    rows = S.batch_sharding(mesh, 2)
+
+    def step(params, tokens, first, targets):
+        return score_positions(params, tokens, first, targets, cfg, attention_chunk=attention_chunk)
+
+    return jax.jit(step, in_shardings=(S.param_shardings(cfg, mesh, rules), rows, NamedSharding(mesh, P(S.DATA)), rows),
+                   out_shardings=rows)
+
+
+def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rules, *, batch_size: int,
+             attention_chunk: int | None = None, eos: int = 2, log=None) -> EvalResult:
+    """Score every token of `stream` by the rule; params must already be laid out on `mesh`."""
+    import jax
+
+    from m11b_jax import sharding as S
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be >= 1")
+    platform = mesh.devices.flat[0].platform
+    chunk = attention_chunk or default_attention_chunk(platform)
+    global_batch = batch_size * mesh.shape[S.DATA]
+    rows, firsts = S.batch_sharding(mesh, 2), S.batch_sharding(mesh, 1)
+    pad = cfg.pad_idx
+
+    def batch_of(start: int):
+        ids = np.arange(start, start + global_batch)
+        ids[ids >= windows.num_blocks] = -1
+        return ids, windows.batch(stream, ids, eos=eos, pad=pad)
+
+    def put(arrays):
+        tokens, first, targets = arrays
+        return (jax.device_put(tokens, rows), jax.device_put(first, firsts), jax.device_put(targets, rows))
+
+    t0 = time.perf_counter()
+    with S.activate(mesh, rules):
+        ids, arrays = batch_of(0)
+        compiled = make_score_step(cfg, mesh, rules, chunk).lower(params, *put(arrays)).compile()
+    compile_s = time.perf_counter() - t0
+
+    out = np.full(windows.num_tokens, np.nan, dtype=np.float32)
+
+    def collect(ids, logprobs):
+        real = ids >= 0
+        _, s, e = windows.bounds(ids[real])
+        tidx = s[:, None] + np.arange(windows.block)[None, :]
+        keep = tidx < e[:, None]
+        out[tidx[keep]] = np.asarray(logprobs)[real][keep]
+
+    start_time = last_log = time.perf_counter()
+    pending = None
+    for start in range(0, windows.num_blocks, global_batch):
+        if start:
+            ids, arrays = batch_of(start)
+        result = compiled(params, *put(arrays))  # asynchronous: the next batch is built meanwhile
+        if pending is not None:
+            collect(*pending)
+        pending = (ids, result)
+        if log is not None and time.perf_counter() - last_log > 30:
+            last_log = time.perf_counter()
+            done = min(start * windows.block, windows.num_tokens)
+            log(f"scored {done}/{windows.num_tokens} tokens ({done / (last_log - start_time):.0f} tokens/s)")
+    collect(*pending)
+    elapsed = time.perf_counter() - start_time
+    assert not np.isnan(out).any(), "a token was not scored"
+    return EvalResult(out, elapsed, compile_s)
+
+
+# ---- inputs: data-bin, dictionary, checkpoint ----------------------------------------------------
+
+
+def load_split(data_bin: str | os.PathLike, split: str):
+    """(dictionary, token stream) of DATA_BIN/{split}.bin/.idx, with one-line errors for what is missing."""
+    from m11b_jax.dictionary import Dictionary
+    from m11b_jax.indexed_dataset import MMapIndexedDataset
+
+    data_bin = pathlib.Path(data_bin)
+    if not data_bin.is_dir():
+        raise UserError(f"data-bin {data_bin} is not a directory: binarize text with python -m m11b_jax.preprocess")
+    if not (data_bin / f"{split}.idx").is_file() or not (data_bin / f"{split}.bin").is_file():
+        have = sorted(p.stem for p in data_bin.glob("*.idx") if p.with_suffix(".bin").is_file())
+        raise UserError(
+            f"split {split!r} not found in {data_bin} (it has: {', '.join(have) or 'no splits'}): pass "
+            f"--gen-subset with one of those, or binarize it (python -m m11b_jax.preprocess --only-source "
+            f"--testpref TEXT --srcdict dict.txt --destdir {data_bin})")
+    dictionary = Dictionary.load(data_bin / "dict.txt")
+    return dictionary, MMapIndexedDataset(data_bin / split).tokens()
+
+
+def check_dictionary(dictionary, stream: np.ndarray, cfg, ckpt_dict_path, data_bin) -> None:
+    """The data must be indexed with the checkpoint's dictionary (same size; same symbols when it has one)."""
+    from m11b_jax.dictionary import Dictionary
+
+    if len(dictionary) != cfg.vocab_size:
+        raise UserError(
+            f"{data_bin}/dict.txt has {len(dictionary)} symbols but the checkpoint's vocabulary is {cfg.vocab_size}: "
+            "binarize the text with the checkpoint's dict.txt (python -m m11b_jax.preprocess --srcdict CKPT/dict.txt)")
+    if ckpt_dict_path is not None and Dictionary.load(ckpt_dict_path).symbols != dictionary.symbols:
+        raise UserError(
+            f"{data_bin}/dict.txt lists other symbols than the checkpoint's {ckpt_dict_path}: binarize the text "
+            f"with --srcdict {ckpt_dict_path}")
+    top = int(stream.max()) if stream.size else 0
+    if top >= cfg.vocab_size:
+        raise UserError(f"{data_bin} holds token index {top} >= the vocabulary size {cfg.vocab_size}: "
+                        "re-binarize it with the checkpoint's dict.txt")
+
+
+def eval_config(cfg, dtype: str):
+    """The stored config with parameters and matmuls in `dtype` (float32 = how the release evaluated)."""
+    if dtype not in EVAL_DTYPES:
+        raise UserError(f"--dtype {dtype} is not one of {', '.join(EVAL_DTYPES)}")
+    return cfg.replace(param_dtype=dtype, compute_dtype=dtype)
+
+
+def load_checkpoint(path: str | os.PathLike, mesh, rules, dtype: str):
+    """(config, params on mesh, the checkpoint's dict.txt or None) from an m11b_jax params checkpoint."""
+    from m11b_jax import params_io
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path} (give the directory written by python -m m11b_jax.convert)")
+    if path.is_file():
+        raise UserError(
+            f"{path} is a file, not an m11b_jax params checkpoint directory: convert fairseq shards first "
+            f"(python -m m11b_jax.convert {path} OUT) and pass --path OUT")
+    cfg = eval_config(params_io.load_model_config(path), dtype)
+    return cfg, params_io.load_params(path, mesh, rules, cfg=cfg), params_io.dictionary_path(path)
+
+
+def original_token_count(args) -> int | None:
+    if args.orig_token_count is not None:
+        if args.orig_token_count < 1:
+            raise UserError(f"--orig-token-count {args.orig_token_count} must be >= 1")
+        return args.orig_token_count
+    if args.orig_tokens_file is not None:
+        from m11b_jax.detok import original_token_count as count_words
+
+        if not os.path.isfile(args.orig_tokens_file):
+            raise UserError(f"--orig-tokens-file {args.orig_tokens_file} not found: give the original "
+                            "(tokenized) text, e.g. wikitext-103/wiki.test.tokens")
+        return count_words(args.orig_tokens_file)
+    return None
+
+
+def save_token_logprobs(path: str | os.PathLike, logprobs: np.ndarray) -> None:
+    """Write the per-token natural-log probabilities as .npy, all-or-nothing."""
+    from m11b_jax.textio import atomic_output
+
+    with atomic_output(path, "wb") as f:
+        np.save(f, logprobs)
+
+
+def check_output_path(path: str | os.PathLike | None) -> None:
+    """Fail before a long evaluation, not after it, when the output folder does not exist."""
+    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"output folder of {path} does not exist: create it first")
+
+
+# ---- compile-only: the eval step's per-device memory at the real size -----------------------------
+
+
+def compile_only_report(cfg, mesh, *, batch_size: int, tokens_per_sample: int, context_window: int,
+                        attention_chunk: int | None = None) -> dict:
+    """Lower and compile the scoring step from abstract params (nothing allocated) and report its memory."""
+    import jax
+    import jax.numpy as jnp
+
+    from m11b_jax import sharding as S
+    from m11b_jax.aot import memory
+
+    rules = S.logical_rules()
+    windows = ContextWindows(1, tokens_per_sample, context_window)
+    chunk = attention_chunk or default_attention_chunk(mesh.devices.flat[0].platform)
+    global_batch = batch_size * mesh.shape[S.DATA]
+    rows = S.batch_sharding(mesh, 2)
+    abstract = S.abstract_params(cfg, mesh, rules)
+    batch = (jax.ShapeDtypeStruct((global_batch, tokens_per_sample), jnp.int32, sharding=rows),
+             jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=S.batch_sharding(mesh, 1)),
+             jax.ShapeDtypeStruct((global_batch, windows.block), jnp.int32, sharding=rows))
+    t0 = time.perf_counter()
+    with S.activate(mesh, rules):
+        compiled = make_score_step(cfg, mesh, rules, chunk).lower(abstract, *batch).compile()
+    param_bytes = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
+                      for a in jax.tree.leaves(abstract))
+    return {
+        "arch": cfg.name,
+        "params": cfg.num_params(),
+        "mesh": S.describe(mesh),
+        "param_dtype": cfg.param_dtype,
+        "compute_dtype": cfg.compute_dtype,
+        "batch_size_per_replica": batch_size,
+        "tokens_per_sample": tokens_per_sample,
+        "context_window": context_window,
+        "attention_chunk": chunk,
+        "param_bytes_per_device": param_bytes,
+        "per_device_bytes": memory(compiled),
+        "compile_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The evaluation flags shared with `python -m m11b_jax.wikitext103`."""
+    p.add_argument("--tokens-per-sample", type=int, default=RELEASE_TOKENS_PER_SAMPLE,
+                   help="window length (default %(default)s, the release's)")
+    p.add_argument("--context-window", type=int, default=RELEASE_CONTEXT_WINDOW,
+                   help="tokens of context before each scored block (default %(default)s, as the release was "
+                        "evaluated; fairseq-eval-lm's own default is 0)")
+    p.add_argument("--batch-size", "--max-sentences", type=int, default=8,
+                   help="windows per forward pass per data-parallel replica (default %(default)s)")
+    p.add_argument("--model-parallel-size", type=int, default=1,
+                   help="devices each layer is split over; the other factor of the device count is data parallel")
+    p.add_argument("--dtype", choices=EVAL_DTYPES, default="float32",
+                   help="parameters and matmuls (default float32, as the release was evaluated)")
+    p.add_argument("--attention-chunk", type=int, default=None,
+                   help="query positions per causal-attention block (default 64 on CPU, 256 otherwise)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m m11b_jax.eval_lm", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="?", metavar="DATA_BIN", help="folder with dict.txt and SPLIT.bin/.idx")
+    p.add_argument("--path", help="m11b_jax params checkpoint (python -m m11b_jax.convert writes one)")
+    p.add_argument("--gen-subset", default="test", help="split to score (default %(default)s)")
+    add_eval_args(p)
+    count = p.add_mutually_exclusive_group()
+    count.add_argument("--orig-token-count", type=int, help="original token count for the normalized perplexity")
+    count.add_argument("--orig-tokens-file", help="count the original tokens of this file (Megatron's convention: "
+                                                  "len(text.strip().split(' ')))")
+    p.add_argument("--output-token-logprobs", metavar="FILE.npy",
+                   help="save each token's natural-log probability, in stream order")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    aot = p.add_argument_group("compile-only: per-device memory of the eval step at full size, nothing allocated")
+    aot.add_argument("--compile-only", action="store_true")
+    aot.add_argument("--arch", default="transformer_lm_megatron_11b", help="config name in configs/ or a JSON path")
+    return p
+
+
+def report_lines(summary: dict, split: str) -> list[str]:
+    lines = [f"| {split}: evaluated {summary['ntokens']} tokens in {summary['elapsed_s']:.1f}s "
+             f"({summary['tokens_per_s']:.2f} tokens/s; compiled in {summary['compile_s']:.1f}s)",
+             f"| Loss (base 2): {summary['loss_base2']:.4f}, Perplexity: {summary['ppl']:.2f}"]
+    if summary["skipped_inf"]:
+        lines.append(f"| skipped {summary['skipped_inf']} tokens with infinite scores (as fairseq does)")
+    if summary["normalized_ppl"] is not None:
+        lines.append(f"| Normalized perplexity: {summary['normalized_ppl']:.2f} "
+                     f"(2^(log2 ppl * {summary['ntokens']} / {summary['orig_token_count']}))")
+    return lines
+
+
+def run_eval(data_bin, path, *, split: str = "test", tokens_per_sample: int = RELEASE_TOKENS_PER_SAMPLE,
+             context_window: int = RELEASE_CONTEXT_WINDOW, batch_size: int = 8, model_parallel_size: int = 1,
+             dtype: str = "float32", attention_chunk: int | None = None, orig_token_count: int | None = None,
+             output_token_logprobs=None, devices=None, log=None) -> tuple[dict, EvalResult]:
+    """Evaluate checkpoint `path` on DATA_BIN/split; returns (summary dict, EvalResult). The CLIs call this."""
+    from m11b_jax import sharding as S
+
+    check_output_path(output_token_logprobs)
+    dictionary, stream = load_split(data_bin, split)
+    windows = ContextWindows(int(stream.size), tokens_per_sample, context_window)
+    mesh = S.make_mesh(model_parallel_size, devices)
+    rules = S.logical_rules()
+    cfg, params, ckpt_dict = load_checkpoint(path, mesh, rules, dtype)
+    cfg.validate(model_parallel_size, tokens_per_sample=tokens_per_sample)
+    check_dictionary(dictionary, stream, cfg, ckpt_dict, data_bin)
+    result = evaluate(params, cfg, stream, windows, mesh, rules, batch_size=batch_size,
+                      attention_chunk=attention_chunk, eos=dictionary.eos(), log=log)
+    if output_token_logprobs is not None:
+        save_token_logprobs(output_token_logprobs, result.token_logprobs)
+    return result.summary(orig_token_count), result
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.compile_only:
+        import jax
+
+        from m11b_jax.config import load_config
+        from m11b_jax.runtime import backends_initialized
+
+        # Simulated CPU devices for the mesh when JAX has not started yet (a GPU/TPU backend is unaffected).
+        if not backends_initialized() and jax.config.jax_num_cpu_devices < args.model_parallel_size:
+            jax.config.update("jax_num_cpu_devices", args.model_parallel_size)
+
+        from m11b_jax import sharding as S
+
+        cfg = eval_config(load_config(args.arch), args.dtype)
+        cfg.validate(args.model_parallel_size, tokens_per_sample=args.tokens_per_sample)
+        devices = jax.devices()
+        if len(devices) < args.model_parallel_size:
+            raise UserError(f"--model-parallel-size {args.model_parallel_size} needs that many devices, "
+                            f"{len(devices)} found: lower it")
+        mesh = S.make_mesh(args.model_parallel_size, devices[: args.model_parallel_size])
+        report = compile_only_report(cfg, mesh, batch_size=args.batch_size, tokens_per_sample=args.tokens_per_sample,
+                                     context_window=args.context_window, attention_chunk=args.attention_chunk)
+        print(json.dumps(report, indent=2))
+        return
+    if args.data is None or args.path is None:
+        raise UserError("give DATA_BIN and --path CKPT (or --compile-only --arch NAME)")
+    orig = original_token_count(args)
+    summary, _ = run_eval(
+        args.data, args.path, split=args.gen_subset, tokens_per_sample=args.tokens_per_sample,
+        context_window=args.context_window, batch_size=args.batch_size, model_parallel_size=args.model_parallel_size,
+        dtype=args.dtype, attention_chunk=args.attention_chunk, orig_token_count=orig,
+        output_token_logprobs=args.output_token_logprobs, log=None if args.json else _stderr)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print("\n".join(report_lines(summary, args.gen_subset)))
+
+
+if __name__ == "__main__":
+    main()
