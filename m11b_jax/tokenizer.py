@@ -25,8 +25,10 @@ Decoding joins the tokens' bytes and decodes UTF-8 with errors="replace", as GPT
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -238,10 +240,30 @@ class GPT2BPE:
 
         Unassigned (in this Python's Unicode database) and surrogate characters go to "python".
         """
-        if text.isascii():
+        if text.isascii() or _bmp_unassigned_or_astral().search(text) is None:
             return True
-        new = set(text) - self._safe_chars
+        new = set(text) - self._safe_chars  # astral (emoji, ...) or unassigned: look at each character
         if any(unicodedata.category(c) in ("Cn", "Cs") for c in new):
             return False
         self._safe_chars |= new
         return True
+
+
+@functools.cache
+def _bmp_unassigned_or_astral() -> "re.Pattern[str]":
+    """A fast first check: BMP characters that are unassigned or surrogates, or any astral character.
+
+    Python's `re` tests a BMP character class with a lookup table, a few ms per MB of text;
+    listing the astral unassigned ranges as well would turn every test into a linear search.
+    """
+    ranges, start = [], None
+    for c in range(0x10000):
+        bad = unicodedata.category(chr(c)) in ("Cn", "Cs")
+        if bad and start is None:
+            start = c
+        elif not bad and start is not None:
+            ranges.append(f"\\u{start:04x}-\\u{c - 1:04x}")
+            start = None
+    if start is not None:
+        ranges.append(f"\\u{start:04x}-\\uffff")
+    return re.compile("[" + "".join(ranges) + "\\U00010000-\\U0010ffff]")

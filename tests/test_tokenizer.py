@@ -257,3 +257,9 @@ def test_mismatched_files(tmp_path, files):
     path.write_text("#version: 0.2\nq z\n", encoding="utf-8")  # "qz" is not a GPT-2 token
     with pytest.raises(UserError, match="do not belong together"):
         GPT2BPE.from_files(files[0], path)
+
+
+def test_guard_sends_unassigned_characters_to_python(bpe):
+    assert bpe._tiktoken_safe("plain ASCII") and bpe._tiktoken_safe("é — 日本 😀 🇫🇷")
+    for text in ("x \u0378 y", "astral unassigned \U000e0080", "surrogate \ud800"):
+        assert not bpe._tiktoken_safe(text), repr(text)
