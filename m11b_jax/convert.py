@@ -161,8 +161,10 @@ def _convert_shard(model, path, rank, mp, cfg, shapes, writer, replicated, finge
     if missing:
         raise UserError(f"{path.name}: missing keys {_short(missing)}")
     _check_version(model, path, rank, log)
-    for key, entry, layer in entries:
-        tensor = model[key]
+    # Each tensor leaves the (loaded, ours to change) state dict once written, so a shard's memory shrinks as it
+    # goes; the embedding, the largest block, comes last, when the rest is freed.
+    for key, entry, layer in reversed(entries):
+        tensor = model.pop(key)
         if not hasattr(tensor, "shape"):
             raise UserError(f"{path.name}: {key} is a {type(tensor).__name__}, not a tensor")
         want = fairseq_shard_shape(entry, shapes[entry.ours], mp)
@@ -174,6 +176,8 @@ def _convert_shard(model, path, rank, mp, cfg, shapes, writer, replicated, finge
             block = tensor_to_numpy(tensor)
         except UserError as e:
             raise UserError(f"{path.name}: {key}: {e}") from None
+        if key == EMBED_KEY:
+            _check_embedding(model, block, path, rank, fingerprints)
         if entry.split_dim is None:
             as_f32 = block.astype(np.float32)
             if rank == 0:
@@ -185,11 +189,15 @@ def _convert_shard(model, path, rank, mp, cfg, shapes, writer, replicated, finge
             if rank > 0:
                 continue
         writer.write(entry.ours, rank_block(entry, shapes[entry.ours], layer, rank, mp), to_ours(entry, block))
-    embed = np.ascontiguousarray(tensor_to_numpy(model[EMBED_KEY]))
-    for alias, target in TIED_ALIASES.items():
-        if alias in model and not np.array_equal(tensor_to_numpy(model[alias]), tensor_to_numpy(model[target])):
-            raise UserError(f"{path.name}: {alias} differs from {target}: an untied output projection is not supported")
-    digest = hashlib.blake2b(embed.tobytes(), digest_size=16).digest()
+        del tensor, block
+
+
+def _check_embedding(model, block: np.ndarray, path: pathlib.Path, rank: int, fingerprints: dict) -> None:
+    """The tied output projection (if stored) equals the embedding; no two ranks hold the same vocabulary block."""
+    for alias in TIED_ALIASES:
+        if alias in model and not np.array_equal(tensor_to_numpy(model.pop(alias)), block):
+            raise UserError(f"{path.name}: {alias} differs from {EMBED_KEY}: an untied output projection is not supported")
+    digest = hashlib.blake2b(np.ascontiguousarray(block).view(np.uint8), digest_size=16).digest()
     if digest in fingerprints:
         raise UserError(f"{path.name} holds the same vocabulary block as rank {fingerprints[digest]}'s shard: "
                         "a duplicated rank (copied file?)")

@@ -326,6 +326,20 @@ def test_unknown_and_missing_keys(tmp_path, merged):
     assert_refused(src, tmp_path / "out", "missing keys decoder.layer_norm.weight")
 
 
+def test_stored_output_projection_must_be_tied(tmp_path, merged):
+    """Newer fairseq also saves decoder.output_projection.weight: accepted when it is the embedding itself."""
+    states = ff.shard_states(merged, MP)
+    for sd in states:
+        sd["decoder.output_projection.weight"] = sd["decoder.embed_tokens.weight"].clone()
+    src = ff.write_release(tmp_path / "a", merged, **DIMS, dict_lines=DICT_LINES, model_states=states)
+    convert_fairseq(src, tmp_path / "ok", log=quiet)
+    assert_same_weights(host_params(tmp_path / "ok"), rounded(merged, torch.float16), DIMS["layers"])
+    states[3]["decoder.output_projection.weight"][0, 0] += 1
+    src = ff.write_release(tmp_path / "b", merged, **DIMS, dict_lines=DICT_LINES, model_states=states)
+    assert_refused(src, tmp_path / "out", "model-model_part-3.pt: decoder.output_projection.weight differs from "
+                                          "decoder.embed_tokens.weight: an untied output projection")
+
+
 def test_old_version_refused(tmp_path, merged):
     states = ff.shard_states(merged, MP)
     for sd in states:
