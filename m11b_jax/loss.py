@@ -79,8 +79,10 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, pad_idx: int = 1):
 
 
 def criterion_fn(name: str, mesh: Mesh, pad_idx: int = 1):
-    if name == "vocab_parallel_cross_entropy":
+    if name == "vocab_parallel_cross_entropy" and mesh.shape[MODEL] > 1:
         return lambda logits, targets: vocab_parallel_cross_entropy(logits, targets, mesh, pad_idx)
-    if name == "cross_entropy":
+    # Without a model axis the vocabulary is not split and the plain form is the same function (and XLA
+    # fuses it better on CPU); with one it computes the same loss with XLA choosing the collectives.
+    if name in ("cross_entropy", "vocab_parallel_cross_entropy"):
         return lambda logits, targets: cross_entropy(logits, targets, pad_idx)
     raise ValueError(f"unknown criterion {name!r}")

@@ -1,0 +1,112 @@
+"""CPU train-step time, ours vs a PyTorch implementation of the same model and batch, in the same run.
+
+PyTorch side: transformers' XGLMForCausalLM (the same function as fairseq's transformer_lm: see
+tests/test_model.py) + torch.optim.AdamW-free plain Adam, fp32, eager. Our side: the jitted train step
+(forward, backward, fairseq Adam update; fp32) on one CPU device, layers unrolled and remat off (the choices
+that suit small CPU runs). Prints seconds per step for both and the ratio ours/theirs (goal <= 1.0).
+
+    python benchmarks/bench_cpu_step.py            # configs (a) vocab 51200 and (b) vocab 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+# XLA CPU settings that suit small models (set before JAX starts): oneDNN matmuls, no YNN fusions.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from m11b_jax import sharding as S  # noqa: E402
+from m11b_jax.config import ModelConfig  # noqa: E402
+from m11b_jax.train_step import OptimConfig, init_train_state, make_train_step  # noqa: E402
+
+CONFIGS = {
+    "a": dict(vocab_size=51200, d_model=256, ffn_dim=1536, num_layers=4, num_heads=8),
+    "b": dict(vocab_size=1024, d_model=256, ffn_dim=1536, num_layers=4, num_heads=8),
+}
+BATCH, SEQ = 8, 256
+
+
+def time_steps(fn, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ours(cfg: ModelConfig, tokens: np.ndarray, warmup: int, steps: int) -> float:
+    mesh = S.make_mesh(1, jax.devices()[:1])
+    rules = S.logical_rules()
+    ocfg = OptimConfig(lr=1e-4, warmup_updates=10, weight_decay=0.01)
+    state = init_train_state(cfg, mesh, rules, ocfg)
+    step = make_train_step(cfg, mesh, rules, ocfg)
+    batch = {"source": tokens[None, :, :-1], "target": tokens[None, :, 1:]}
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return time_steps(run, warmup, steps)
+
+
+def theirs(cfg: ModelConfig, tokens: np.ndarray, warmup: int, steps: int) -> float:
+    from transformers import XGLMConfig, XGLMForCausalLM
+
+    torch.manual_seed(0)
+    model = XGLMForCausalLM(XGLMConfig(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+        attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_positions, scale_embedding=True,
+        activation_function="gelu", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, attn_implementation="eager")).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
+    src = torch.from_numpy(tokens[:, :-1].astype(np.int64))
+    tgt = torch.from_numpy(tokens[:, 1:].astype(np.int64))
+    mask = torch.ones_like(src)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=src, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=1)
+        loss.backward()
+        opt.step()
+
+    return time_steps(run, warmup, steps)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="a,b")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    for name in args.configs.split(","):
+        cfg = ModelConfig(name=name, max_positions=SEQ, dropout=0.0, attention_dropout=0.0, remat_policy="none",
+                          scan_layers=False, **CONFIGS[name])
+        tokens = np.random.default_rng(0).integers(4, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+        t_ours = ours(cfg, tokens, args.warmup, args.steps)
+        t_theirs = theirs(cfg, tokens, args.warmup, args.steps)
+        rows.append({"config": name, **CONFIGS[name], "tokens": BATCH * SEQ, "ours_s": round(t_ours, 4),
+                     "pytorch_s": round(t_theirs, 4), "ratio_ours_over_pytorch": round(t_ours / t_theirs, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    print("| config | vocab | ours s/step | PyTorch s/step | ours/PyTorch (goal <= 1.0) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| ({r['config']}) | {r['vocab_size']} | {r['ours_s']} | {r['pytorch_s']} | {r['ratio_ours_over_pytorch']} |")
+
+
+if __name__ == "__main__":
+    main()
