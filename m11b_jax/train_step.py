@@ -90,13 +90,16 @@ def batch_shardings(mesh: Mesh) -> dict:
 
 
 def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, criterion: str = "vocab_parallel_cross_entropy",
-                    seed: int = 1, donate: bool = True):
-    """Returns a jitted `step(state, batch) -> (state, metrics)`; metrics are replicated fp32 scalars."""
+                    seed: int = 1, donate: bool = True, rng_impl: str = "threefry2x32"):
+    """Returns a jitted `step(state, batch) -> (state, metrics)`; metrics are replicated fp32 scalars.
+
+    rng_impl: the dropout generator, `threefry2x32` (JAX's default: identical masks on any backend and
+    mesh) or `rbg` (XLA's RngBitGenerator: much cheaper on GPUs; deterministic for a given program)."""
     model = TransformerLM(cfg)
     tx = ocfg.optimizer()
     loss_of = criterion_fn(criterion, mesh, cfg.pad_idx)
     shardings = state_shardings(cfg, mesh, rules)
-    base_key = jax.random.key(seed)
+    base_key = jax.random.key(seed, impl=rng_impl)
     deterministic = cfg.dropout == 0 and cfg.attention_dropout == 0 and cfg.activation_dropout == 0
 
     def micro_loss(params, source, target, key, denom):
