@@ -1,6 +1,6 @@
 """Encoding wiki.test.raw: our GPT2BPE against tiktoken's GPT-2 encoding built from the same local files.
 
-    .venv/bin/python benchmarks/bench_bpe.py [--data-dir ../shared/data] [--repeats 7]
+    .venv/bin/python benchmarks/bench_bpe.py [--data-dir ../shared/data] [--repeats 15]
 
 Both encode the whole file as one string; the ids must be identical. Prints the best time of
 `--repeats` interleaved runs of each, and the ratio ours / tiktoken (target: <= 1.5). Also
@@ -43,7 +43,7 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args()
     data = pathlib.Path(args.data_dir)
     text = (data / "wikitext-103" / "wiki.test.raw").read_text(encoding="utf-8")
