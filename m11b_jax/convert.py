@@ -6,8 +6,8 @@
 SRC is the unpacked release directory (dict.txt + model-model_part-{0..7}.pt) or fairseq's `--path` form
 DIR/model.pt (meaning DIR/model-model_part-{rank}.pt, or the one file DIR/model.pt of a non-sharded model).
 
-Memory: one source shard at a time (memory-mapped for zip-format files) plus the tensor being written;
-replicated tensors (biases and LayerNorms, a few MB) are kept from rank 0 to check every other rank's copy.
+Memory: one source shard at a time (memory-mapped for zip-format files) plus the tensor being written, each
+tensor dropped once written; replicated tensors (biases and LayerNorms, a few MB) are kept from rank 0 to check every other rank's copy.
 The output is written into a hidden sibling of OUT and renamed at the end: after any error OUT does not exist.
 
 `decoder.version`: fairseq's TransformerDecoder treats a missing version or one <= 2 as a pre-2019 model
@@ -34,7 +34,6 @@ import numpy as np
 from m11b_jax.config import DTYPES, ModelConfig
 from m11b_jax.dictionary import EOS, Dictionary
 from m11b_jax.errors import UserError, cli_main
-from m11b_jax.textio import default_file_mode
 from m11b_jax.fairseq_io import (checkpoint_options, dictionary_multiple, find_shards, load_shard,
                                  model_config_from_options, numpy_to_tensor, padded_size, save_shard,
                                  tensor_to_numpy)
@@ -42,6 +41,7 @@ from m11b_jax.fairseq_layout import (BOOKKEEPING, TIED_ALIASES, VERSION_KEY, fai
                                      rank_block, to_fairseq, to_ours)
 from m11b_jax.params_io import (ParamsReader, ParamsWriter, dictionary_path, load_model_config, load_params,
                                 numpy_dtype)
+from m11b_jax.textio import default_file_mode
 
 EMBED_KEY = "decoder.embed_tokens.weight"
 

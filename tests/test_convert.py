@@ -27,7 +27,7 @@ from m11b_jax.convert import convert_fairseq, export_fairseq, verify_checkpoint,
 from m11b_jax.dictionary import Dictionary
 from m11b_jax.errors import UserError
 from m11b_jax.fairseq_io import load_shard
-from m11b_jax.fairseq_layout import from_fairseq_state_dict, to_fairseq_state_dict
+from m11b_jax.fairseq_layout import to_fairseq_state_dict
 from m11b_jax.model import TransformerLM
 from m11b_jax.sharding import activate, logical_rules, make_mesh
 from m11b_jax.textio import default_file_mode
