@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -91,6 +92,7 @@ class _Interval:
     timed_updates: int = 0
     timed_tokens: float = 0.0
     t0: float = 0.0
+    paused: float = 0.0  # seconds spent validating / saving, not training
 
 
 def _first_line(e: BaseException) -> str:
@@ -182,11 +184,13 @@ def train(run) -> dict:
     def validate(update: int) -> None:
         for name, blocks in valid_sets:
             t0 = time.perf_counter()
-            sums = [eval_fn(state.params, b["source"], b["target"])
-                    for b in D.valid_batches(blocks, mesh, run.batch_size_valid)]
-            sums = jax.device_get(sums)
-            nll = float(sum(float(x[0]) for x in sums))
-            ntok = float(sum(float(x[1]) for x in sums))
+            nll = ntok = 0.0
+            for b in D.valid_batches(blocks, mesh, run.batch_size_valid):
+                # One batch in flight at a time: queuing hundreds of small collective programs on simulated CPU
+                # devices can starve XLA's CPU thread pool (a rendezvous deadlock); the wait costs little.
+                loss_sum, count = jax.device_get(eval_fn(state.params, b["source"], b["target"]))
+                nll += float(loss_sum)
+                ntok += float(count)
             loss = nll / max(ntok, 1.0) / math.log(2)
             rec = {"update": update, "subset": name, "valid_loss": loss, "valid_ppl": base2_ppl(loss),
                    "valid_ntokens": int(ntok), "valid_s": round(time.perf_counter() - t0, 3)}
@@ -206,6 +210,12 @@ def train(run) -> dict:
         f"{run.sequence_parallel} | {run.dtype_policy} | global batch {global_rows} x {run.tokens_per_sample} tokens"
         f" x update-freq {run.update_freq} | data {data_path} ({train_blocks.num_tokens} train tokens, "
         f"{len(dictionary)} symbols)" + (f" | resumed from {resumed_from}" if resumed_from else ""))
+
+    if multi:  # every process says which rows it reads
+        n_shards, shard = D.host_data_share(mesh)
+        print(f"| process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local devices, "
+              f"reads data shard {shard} of {n_shards} ({global_rows // n_shards} of the {global_rows} rows of each "
+              "global batch)", file=sys.stderr, flush=True)
 
     interval = _Interval(t0=time.perf_counter())
     pending: list[tuple[int, dict]] = []
@@ -242,7 +252,7 @@ def train(run) -> dict:
             logger.advance(1, loss=loss)
             if u % a.log_interval == 0 or (a.max_update and u == a.max_update):
                 now = time.perf_counter()
-                secs = now - interval.t0
+                secs = now - interval.t0 - interval.paused
                 il = interval.nll / max(interval.ntokens, 1.0) / math.log(2)
                 rec = {"update": u, "loss": il, "ppl": base2_ppl(il), "lr": float(m["lr"]),
                        "gnorm": interval.gnorm / interval.updates, "wpb": interval.ntokens / interval.updates,
@@ -272,12 +282,14 @@ def train(run) -> dict:
                 logger.print(f"| {stop.signal_name} received: saving a checkpoint at update {update} and stopping")
                 summary["stopped_by"] = stop.signal_name
                 break
+            t_pause = time.perf_counter()
             if do_valid and valid_sets:
                 validate(update)
                 last_validated = update
             if do_save:
                 save(update)
                 last_saved = update
+            interval.paused += time.perf_counter() - t_pause
         drain(keep_last=False)
         if summary["stopped_by"] is None and valid_sets and last_validated != update and update > start:
             validate(update)

@@ -1,0 +1,132 @@
+"""The training CLI: the seed's fairseq command, --compile-only, the offline default, and one clear error
+for each kind of bad input."""
+
+import json
+import pathlib
+
+import pytest
+
+from m11b_jax.errors import UserError
+from m11b_jax.train import parse_args, run
+from train_fixtures import base_args, make_databin, run_cli, shared_databin
+
+# fairseq's examples/megatron_11b/README.md training command, `fairseq-train` replaced, flags as written.
+SEED_COMMAND = """--distributed-world-size 8 --memory-efficient-fp16 --num-workers 2 --model-parallel-size 8
+  --criterion vocab_parallel_cross_entropy --task language_modeling --sample-break-mode none
+  --tokens-per-sample 1024 --arch transformer_lm_megatron_11b --share-decoder-input-output-embed
+  --optimizer adam --adam-betas (0.9,__0.98) --adam-eps 1e-08 --clip-norm 0.0
+  --lr-scheduler inverse_sqrt --lr 0.00015 --warmup-updates 3000 --weight-decay 0.01
+  --dropout 0.1 --attention-dropout 0.1 --max-sentences 2 --max-update 300000"""
+
+
+def seed_argv(data_path: str) -> list[str]:
+    return [data_path] + [tok.replace("__", " ") for tok in SEED_COMMAND.split()]
+
+
+def test_seed_command_is_accepted_as_written():
+    cfg = parse_args(seed_argv("wikitext103-bin"))
+    a = cfg.args
+    assert cfg.model.name == "transformer_lm_megatron_11b" and cfg.model.compute_dtype == "bfloat16"
+    assert cfg.model.param_dtype == "float32" and "fp32 params+Adam" in cfg.dtype_policy
+    assert (cfg.batch_size, cfg.tokens_per_sample, cfg.model_parallel_size, cfg.world_size) == (2, 1024, 8, 8)
+    assert cfg.optim.betas == (0.9, 0.98) and cfg.optim.lr == 0.00015 and cfg.optim.eps == 1e-8
+    assert (cfg.optim.warmup_updates, cfg.optim.weight_decay, cfg.optim.clip_norm) == (3000, 0.01, 0.0)
+    assert a.criterion == "vocab_parallel_cross_entropy" and a.max_update == 300000 and a.num_workers == 2
+    assert cfg.sequence_parallel  # default for model parallelism when it divides the block
+
+
+def test_seed_command_compile_only_reports_the_full_model_fits():
+    """The full 11B step compiled for 8 simulated CPU devices from the seed command: one JSON object on stdout."""
+    proc = run_cli(seed_argv("no-data-needed") + ["--compile-only"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)  # exactly one JSON document, nothing else on stdout
+    assert report["params"] == 11_032_246_272
+    assert report["mesh"]["shape"] == {"data": 1, "model": 8} and report["mesh"]["platform"] == "cpu"
+    assert report["sequence_parallel"] is True and report["compute_dtype"] == "bfloat16"
+    assert 10 * 2**30 < report["per_device_bytes"]["total"] <= 80 * 2**30 and report["fits"] is True
+    assert report["tokens_per_step"] == 2 * 1024
+    for kind in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"):
+        assert set(report["collectives"][kind]) == {"count", "shapes"}
+
+
+def test_compile_only_that_does_not_fit_fails_clearly(capsys):
+    with pytest.raises(UserError, match=r"needs [\d.]+ GiB per device, more than --device-memory-gb 1e-06: raise "
+                                        r"--model-parallel-size"):
+        run(["--arch", "tiny", "--batch-size", "2", "--tokens-per-sample", "32", "--model-parallel-size", "2",
+             "--compile-only", "--device-memory-gb", "0.000001"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] is False and report["sequence_parallel"] is True
+
+
+def test_offline_default_trains_and_reports_where_everything_went(tmp_path, capsys):
+    """The no-argument run, shortened: tiny on the offline corpus, mesh (4, 2), ppl falls, checkpoint saved."""
+    cfg = parse_args([])
+    assert cfg.offline and cfg.model.name == "tiny" and cfg.model_parallel_size == 2 and cfg.data is None
+    assert cfg.args.save_dir == "checkpoints/offline_tiny" and cfg.args.max_update > 100
+    save, tb = tmp_path / "ckpt", tmp_path / "tb"
+    # Shorter blocks and the other tests' optimizer settings: the same compiled programs, so a cache hit.
+    small = ["--tokens-per-sample", "32", "--batch-size", "2", "--lr", "0.002", "--warmup-updates", "2",
+             "--adam-betas", "(0.9, 0.999)", "--clip-norm", "0", "--weight-decay", "0.01", "--batch-size-valid", "2"]
+    summary = run(small + ["--max-update", "8", "--log-interval", "4", "--save-dir", str(save),
+                           "--tensorboard-logdir", str(tb), "--no-progress-bar"])
+    assert summary["mesh"] == {"data": 4, "model": 2}
+    assert [v["update"] for v in summary["valid"]] == [0, 8]
+    assert summary["valid"][-1]["valid_ppl"] < 0.5 * summary["valid"][0]["valid_ppl"]
+    assert summary["checkpoints"] == [8] and (save / "8" / "state").is_dir()
+    records = [json.loads(x) for x in (save / "train_log.jsonl").read_text().splitlines()]
+    train_lines = [r for r in records if "loss" in r]
+    assert [r["update"] for r in train_lines] == [4, 8]
+    for r in train_lines:
+        assert {"update", "loss", "ppl", "lr", "gnorm", "wpb", "wps", "mfu", "elapsed_s"} <= set(r)
+        assert r["mfu"] is None and r["wps"] > 0 and r["ppl"] == pytest.approx(2 ** r["loss"])
+    assert {"valid_loss", "valid_ppl"} <= set(records[-1])
+    assert list(tb.glob("events.out.tfevents.*"))
+    out = capsys.readouterr().out
+    assert "validation ppl: first" in out and f"checkpoints: {save}" in out and "train_log.jsonl" in out
+
+
+def _tiny(data, save, *extra):
+    return base_args(data, save, *extra)
+
+
+@pytest.mark.parametrize("case, argv, message", [
+    ("unknown flag", ["DATA", "--arch", "tiny", "--batch-size", "2", "--max-tokens", "4096", "--frobnicate"],
+     r"^unsupported flags --max-tokens, --frobnicate: m11b_jax.train does not implement them"),
+    ("unknown arch", ["DATA", "--arch", "transformer_lm_gpt3", "--batch-size", "2"],
+     r"unknown arch 'transformer_lm_gpt3': use one of .*tiny"),
+    ("untied megatron", ["DATA", "--arch", "transformer_lm_megatron_11b", "--batch-size", "2"],
+     r"ties its input and output embeddings .*add --share-decoder-input-output-embed"),
+    ("bad choice", ["DATA", "--arch", "tiny", "--batch-size", "2", "--lr-scheduler", "cosine"],
+     r"argument --lr-scheduler: invalid choice: 'cosine'"),
+    ("lr list", ["DATA", "--arch", "tiny", "--batch-size", "2", "--lr", "0.1,0.2"],
+     r"--lr '0.1,0.2': per-epoch lists are not supported"),
+    ("no batch", ["DATA", "--arch", "tiny"], r"--batch-size \(--max-sentences\) is required"),
+    ("no arch", ["DATA", "--batch-size", "2"], r"--arch is required with a DATA_PATH"),
+    ("heads vs mp", ["DATA", "--arch", "tiny", "--batch-size", "2", "--model-parallel-size", "3"],
+     r"num_heads=8 is not divisible by the model-parallel size 3"),
+])
+def test_bad_command_lines_are_one_clear_error(case, argv, message, tmp_path):
+    with pytest.raises(UserError, match=message) as e:
+        run([str(tmp_path) if a == "DATA" else a for a in argv])
+    assert "\n" not in str(e.value)
+
+
+def test_bad_data_and_devices_are_one_clear_error(tmp_path):
+    data = shared_databin()
+    save = tmp_path / "save"
+    with pytest.raises(UserError, match=r"DATA_PATH .*missing is not a directory: pass a fairseq data-bin"):
+        run(_tiny(tmp_path / "missing", save))
+    with pytest.raises(UserError, match=r"split 'test' not found in .* \(no test.bin/test.idx; it has train, valid\)"):
+        run(_tiny(data, save, "--valid-subset", "test"))
+    big = make_databin(tmp_path / "big", n_symbols=1100, n_lines=20, valid_lines=5)
+    with pytest.raises(UserError, match=r"has 1104 symbols .* the model's vocabulary is 1024: use an --arch with "
+                                        r"vocab_size >= 1104"):
+        run(_tiny(big, save))
+    # A model-parallel size that fits the model (6 heads, ffn and vocab divisible by 6) but not the 8 devices.
+    arch = tmp_path / "six.json"
+    arch.write_text(json.dumps({"name": "six", "vocab_size": 1026, "d_model": 96, "ffn_dim": 384, "num_layers": 1,
+                                "num_heads": 6, "max_positions": 64}))
+    argv = _tiny(data, save, "--model-parallel-size", "6")  # the last value of a flag wins
+    argv[argv.index("--arch") + 1] = str(arch)
+    with pytest.raises(UserError, match=r"--model-parallel-size 6 does not divide the 8 available devices"):
+        run(argv)
