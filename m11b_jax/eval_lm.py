@@ -4,7 +4,7 @@
         [--context-window 992] [--batch-size 8] [--model-parallel-size N] [--dtype float32|bfloat16]
         [--orig-token-count N | --orig-tokens-file wiki.test.tokens] [--output-token-logprobs FILE.npy] [--json]
     python -m m11b_jax.eval_lm --compile-only --arch transformer_lm_megatron_11b [--model-parallel-size 8]
-        [--dtype float32|bfloat16] [--batch-size B]
+        [--dtype float32|bfloat16] [--batch-size B] [--target h100]
 
 The scoring rule (fairseq `eval_lm` + `LMContextWindowDataset`, as ../shared/REFERENCE.md states it):
 the split's tokens, all lines back to back, are one stream t0 t1 ... t(N-1); the model's inputs are that
@@ -156,25 +156,30 @@ def default_attention_chunk(platform: str) -> int:
     return 64 if platform == "cpu" else 256
 
 
-def make_score_step(cfg, mesh, rules, attention_chunk: int):
-    """jit of scoring.score_positions with the params' and the batch's shardings on `mesh`."""
+def default_passes(platform: str, batch_size: int) -> int:
+    """Sequential passes per batch: one window at a time on CPU (small temporaries), one pass elsewhere."""
+    return batch_size if platform == "cpu" else 1
+
+
+def make_score_step(cfg, mesh, rules, attention_chunk: int, passes: int = 1):
+    """jit of scoring.score_in_passes with the params' and the batch's shardings on `mesh`."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from m11b_jax import sharding as S
-    from m11b_jax.scoring import score_positions
+    from m11b_jax.scoring import score_in_passes
 
     rows = S.batch_sharding(mesh, 2)
 
     def step(params, tokens, first, targets):
-        return score_positions(params, tokens, first, targets, cfg, attention_chunk=attention_chunk)
+        return score_in_passes(params, tokens, first, targets, cfg, passes=passes, attention_chunk=attention_chunk)
 
     return jax.jit(step, in_shardings=(S.param_shardings(cfg, mesh, rules), rows, NamedSharding(mesh, P(S.DATA)), rows),
                    out_shardings=rows)
 
 
 def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rules, *, batch_size: int,
-             attention_chunk: int | None = None, eos: int = 2, log=None) -> EvalResult:
+             attention_chunk: int | None = None, passes: int | None = None, eos: int = 2, log=None) -> EvalResult:
     """Score every token of `stream` by the rule; params must already be laid out on `mesh`."""
     import jax
 
@@ -184,6 +189,9 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
         raise UserError(f"--batch-size {batch_size} must be >= 1")
     platform = mesh.devices.flat[0].platform
     chunk = attention_chunk or default_attention_chunk(platform)
+    passes = passes or default_passes(platform, batch_size)
+    if batch_size % passes:
+        raise UserError(f"--batch-size {batch_size} is not a multiple of --passes {passes}")
     global_batch = batch_size * mesh.shape[S.DATA]
     rows, firsts = S.batch_sharding(mesh, 2), S.batch_sharding(mesh, 1)
     pad = cfg.pad_idx
@@ -200,7 +208,7 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
     t0 = time.perf_counter()
     with S.activate(mesh, rules):
         ids, arrays = batch_of(0)
-        compiled = make_score_step(cfg, mesh, rules, chunk).lower(params, *put(arrays)).compile()
+        compiled = make_score_step(cfg, mesh, rules, chunk, passes).lower(params, *put(arrays)).compile()
     compile_s = time.perf_counter() - t0
 
     out = np.full(windows.num_tokens, np.nan, dtype=np.float32)
@@ -253,20 +261,30 @@ def load_split(data_bin: str | os.PathLike, split: str):
 
 
 def check_dictionary(dictionary, stream: np.ndarray, cfg, ckpt_dict_path, data_bin) -> None:
-    """The data must be indexed with the checkpoint's dictionary (same size; same symbols when it has one)."""
-    from m11b_jax.dictionary import Dictionary
+    """The data must be indexed with the checkpoint's dictionary.
 
-    if len(dictionary) != cfg.vocab_size:
+    With a dict.txt stored in the checkpoint, the data-bin's must list the same symbols. Without one, its size
+    must be the vocabulary size, or pad to it the way fairseq's model-parallel models pad their dictionary
+    (to a multiple of 8 x model_parallel_size, with made-up words the data never holds).
+    """
+    from m11b_jax.dictionary import Dictionary
+    from m11b_jax.fairseq_io import padded_size
+
+    n, vocab = len(dictionary), cfg.vocab_size
+    if ckpt_dict_path is not None:
+        stored = Dictionary.load(ckpt_dict_path)
+        if stored.symbols != dictionary.symbols:
+            raise UserError(
+                f"{data_bin}/dict.txt ({n} symbols) is not the checkpoint's dictionary {ckpt_dict_path} "
+                f"({len(stored)} symbols, vocabulary {vocab}): binarize the text with --srcdict {ckpt_dict_path} "
+                "(python -m m11b_jax.preprocess)")
+    elif n > vocab or vocab not in {padded_size(n, m) for m in (1, 8, 16, 32, 64, 128, 256, 512)}:
         raise UserError(
-            f"{data_bin}/dict.txt has {len(dictionary)} symbols but the checkpoint's vocabulary is {cfg.vocab_size}: "
-            "binarize the text with the checkpoint's dict.txt (python -m m11b_jax.preprocess --srcdict CKPT/dict.txt)")
-    if ckpt_dict_path is not None and Dictionary.load(ckpt_dict_path).symbols != dictionary.symbols:
-        raise UserError(
-            f"{data_bin}/dict.txt lists other symbols than the checkpoint's {ckpt_dict_path}: binarize the text "
-            f"with --srcdict {ckpt_dict_path}")
+            f"{data_bin}/dict.txt has {n} symbols but the checkpoint's vocabulary is {vocab}: binarize the text "
+            "with the dict.txt the model was trained with (python -m m11b_jax.preprocess --srcdict DICT)")
     top = int(stream.max()) if stream.size else 0
-    if top >= cfg.vocab_size:
-        raise UserError(f"{data_bin} holds token index {top} >= the vocabulary size {cfg.vocab_size}: "
+    if top >= vocab:
+        raise UserError(f"{data_bin} holds token index {top} >= the vocabulary size {vocab}: "
                         "re-binarize it with the checkpoint's dict.txt")
 
 
@@ -325,17 +343,19 @@ def check_output_path(path: str | os.PathLike | None) -> None:
 
 
 def compile_only_report(cfg, mesh, *, batch_size: int, tokens_per_sample: int, context_window: int,
-                        attention_chunk: int | None = None) -> dict:
+                        attention_chunk: int | None = None, passes: int | None = None) -> dict:
     """Lower and compile the scoring step from abstract params (nothing allocated) and report its memory."""
     import jax
     import jax.numpy as jnp
 
     from m11b_jax import sharding as S
-    from m11b_jax.aot import memory
+    from m11b_jax.aot import collectives, memory
 
     rules = S.logical_rules()
     windows = ContextWindows(1, tokens_per_sample, context_window)
-    chunk = attention_chunk or default_attention_chunk(mesh.devices.flat[0].platform)
+    platform = mesh.devices.flat[0].platform
+    chunk = attention_chunk or default_attention_chunk(platform)
+    passes = passes or default_passes(platform, batch_size)
     global_batch = batch_size * mesh.shape[S.DATA]
     rows = S.batch_sharding(mesh, 2)
     abstract = S.abstract_params(cfg, mesh, rules)
@@ -344,7 +364,7 @@ def compile_only_report(cfg, mesh, *, batch_size: int, tokens_per_sample: int, c
              jax.ShapeDtypeStruct((global_batch, windows.block), jnp.int32, sharding=rows))
     t0 = time.perf_counter()
     with S.activate(mesh, rules):
-        compiled = make_score_step(cfg, mesh, rules, chunk).lower(abstract, *batch).compile()
+        compiled = make_score_step(cfg, mesh, rules, chunk, passes).lower(abstract, *batch).compile()
     param_bytes = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
                       for a in jax.tree.leaves(abstract))
     return {
@@ -357,8 +377,10 @@ def compile_only_report(cfg, mesh, *, batch_size: int, tokens_per_sample: int, c
         "tokens_per_sample": tokens_per_sample,
         "context_window": context_window,
         "attention_chunk": chunk,
+        "passes": passes,
         "param_bytes_per_device": param_bytes,
         "per_device_bytes": memory(compiled),
+        "collectives": {k: v for k, v in collectives(compiled.as_text()).items() if v["count"]},
         "compile_s": round(time.perf_counter() - t0, 2),
     }
 
@@ -381,6 +403,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="parameters and matmuls (default float32, as the release was evaluated)")
     p.add_argument("--attention-chunk", type=int, default=None,
                    help="query positions per causal-attention block (default 64 on CPU, 256 otherwise)")
+    p.add_argument("--passes", type=int, default=None,
+                   help="score each batch in this many sequential passes (default: one window per pass on CPU, "
+                        "where small temporaries are faster; 1 otherwise); results do not change")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     aot = p.add_argument_group("compile-only: per-device memory of the eval step at full size, nothing allocated")
     aot.add_argument("--compile-only", action="store_true")
     aot.add_argument("--arch", default="transformer_lm_megatron_11b", help="config name in configs/ or a JSON path")
+    aot.add_argument("--target", help="compile for this GPU (h100, h200, a100; no GPU needed, JAX's CUDA plugin is) "
+                                      "instead of this host's devices")
     return p
 
 
@@ -417,7 +444,8 @@ def report_lines(summary: dict, split: str) -> list[str]:
 
 def run_eval(data_bin, path, *, split: str = "test", tokens_per_sample: int = RELEASE_TOKENS_PER_SAMPLE,
              context_window: int = RELEASE_CONTEXT_WINDOW, batch_size: int = 8, model_parallel_size: int = 1,
-             dtype: str = "float32", attention_chunk: int | None = None, orig_token_count: int | None = None,
+             dtype: str = "float32", attention_chunk: int | None = None, passes: int | None = None,
+             orig_token_count: int | None = None,
              output_token_logprobs=None, devices=None, log=None) -> tuple[dict, EvalResult]:
     """Evaluate checkpoint `path` on DATA_BIN/split; returns (summary dict, EvalResult). The CLIs call this."""
     from m11b_jax import sharding as S
@@ -431,7 +459,7 @@ def run_eval(data_bin, path, *, split: str = "test", tokens_per_sample: int = RE
     cfg.validate(model_parallel_size, tokens_per_sample=tokens_per_sample)
     check_dictionary(dictionary, stream, cfg, ckpt_dict, data_bin)
     result = evaluate(params, cfg, stream, windows, mesh, rules, batch_size=batch_size,
-                      attention_chunk=attention_chunk, eos=dictionary.eos(), log=log)
+                      attention_chunk=attention_chunk, passes=passes, eos=dictionary.eos(), log=log)
     if output_token_logprobs is not None:
         save_token_logprobs(output_token_logprobs, result.token_logprobs)
     return result.summary(orig_token_count), result
@@ -458,13 +486,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         cfg = eval_config(load_config(args.arch), args.dtype)
         cfg.validate(args.model_parallel_size, tokens_per_sample=args.tokens_per_sample)
-        devices = jax.devices()
-        if len(devices) < args.model_parallel_size:
-            raise UserError(f"--model-parallel-size {args.model_parallel_size} needs that many devices, "
-                            f"{len(devices)} found: lower it")
-        mesh = S.make_mesh(args.model_parallel_size, devices[: args.model_parallel_size])
+        from m11b_jax.aot import target_mesh
+
+        # One model-parallel group: per-device memory is the same for every data-parallel replica.
+        mesh = target_mesh(args.target, args.model_parallel_size, args.model_parallel_size)
         report = compile_only_report(cfg, mesh, batch_size=args.batch_size, tokens_per_sample=args.tokens_per_sample,
-                                     context_window=args.context_window, attention_chunk=args.attention_chunk)
+                                     context_window=args.context_window, attention_chunk=args.attention_chunk,
+                                     passes=args.passes)
+        report["target"] = args.target or mesh.devices.flat[0].platform
         print(json.dumps(report, indent=2))
         return
     if args.data is None or args.path is None:
@@ -473,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary, _ = run_eval(
         args.data, args.path, split=args.gen_subset, tokens_per_sample=args.tokens_per_sample,
         context_window=args.context_window, batch_size=args.batch_size, model_parallel_size=args.model_parallel_size,
-        dtype=args.dtype, attention_chunk=args.attention_chunk, orig_token_count=orig,
+        dtype=args.dtype, attention_chunk=args.attention_chunk, passes=args.passes, orig_token_count=orig,
         output_token_logprobs=args.output_token_logprobs, log=None if args.json else _stderr)
     if args.json:
         print(json.dumps(summary))

@@ -150,3 +150,25 @@ def score_positions(params, tokens, first, targets, cfg: ModelConfig, *, attenti
     vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
     picked = jnp.where(vocab_ids == targets[..., None], logits, 0.0).sum(-1)
     return jnp.where(targets != cfg.pad_idx, picked - log_total, 0.0)
+
+
+def score_in_passes(params, tokens, first, targets, cfg: ModelConfig, *, passes: int = 1, attention_chunk: int = 64):
+    """score_positions over the batch in `passes` sequential passes (a lax.map), same results.
+
+    Fewer rows per pass means smaller temporary buffers: on a CPU this keeps the working set in cache and
+    the per-call allocation small (XLA allocates its temporaries on every call, and fresh pages cost a
+    fault each), which is faster than one pass over a large batch. Pass i takes rows i, i + passes, ...,
+    so when the batch axis is split over `data` in contiguous blocks, every device keeps its own rows.
+    """
+    b = tokens.shape[0]
+    if passes <= 1:
+        return score_positions(params, tokens, first, targets, cfg, attention_chunk=attention_chunk)
+    if b % passes:
+        raise ValueError(f"batch {b} is not divisible into {passes} passes")
+
+    def split(a):  # [b, ...] -> [passes, b / passes, ...]: pass i holds rows i, i + passes, ...
+        return jnp.swapaxes(a.reshape(b // passes, passes, *a.shape[1:]), 0, 1)
+
+    out = jax.lax.map(lambda xs: score_positions(params, *xs, cfg, attention_chunk=attention_chunk),
+                      (split(tokens), split(first), split(targets)))
+    return jnp.swapaxes(out, 0, 1).reshape(b, targets.shape[1])

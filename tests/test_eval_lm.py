@@ -89,7 +89,7 @@ def test_token_logprobs_match_xglm_rule(tiny, mp):
     """Per token, 1e-5: mesh (1,1) on one device and (1,8) model-parallel over 8 devices."""
     devices = jax.devices()[:mp]
     summary, result = eval_lm.run_eval(tiny["data"], tiny["ckpt"], tokens_per_sample=64, context_window=48,
-                                       batch_size=3, model_parallel_size=mp, devices=devices)
+                                       batch_size=4, model_parallel_size=mp, passes=4 if mp == 1 else 2, devices=devices)
     stream = stream_of(tiny["data"])
     ref = reference_logprobs(tiny["params"], stream, 64, 48)
     assert result.token_logprobs.shape == (300,)
@@ -110,15 +110,15 @@ def test_window_longer_than_stream(tiny):
 def test_no_context_window_and_data_parallel(tiny):
     """context 0 (fairseq's default: independent blocks) on a (2, 4) mesh: batch split over data."""
     _, result = eval_lm.run_eval(tiny["data"], tiny["ckpt"], tokens_per_sample=32, context_window=0,
-                                 batch_size=2, model_parallel_size=4, devices=jax.devices())
+                                 batch_size=4, model_parallel_size=4, passes=2, devices=jax.devices())
     ref = reference_logprobs(tiny["params"], stream_of(tiny["data"]), 32, 0)
     np.testing.assert_allclose(result.token_logprobs, ref, atol=1e-5, rtol=0)
 
 
 def test_batch_size_and_chunking_do_not_change_results(tiny):
     runs = [eval_lm.run_eval(tiny["data"], tiny["ckpt"], tokens_per_sample=64, context_window=48, batch_size=bs,
-                             attention_chunk=chunk, devices=jax.devices()[:1])[1].token_logprobs
-            for bs, chunk in ((1, 64), (5, 64), (16, 7))]
+                             attention_chunk=chunk, passes=passes, devices=jax.devices()[:1])[1].token_logprobs
+            for bs, chunk, passes in ((1, 64, 1), (5, 64, 1), (16, 7, 4), (6, 64, 6))]
     for other in runs[1:]:
         np.testing.assert_allclose(other, runs[0], atol=2e-6, rtol=0)
 
@@ -184,7 +184,19 @@ def test_error_dictionary_does_not_match_checkpoint(tiny, tmp_path, capsys):
     other = write_data_bin(tmp_path / "other", make_stream(50, seed=2), dict_symbols=CFG.vocab_size - 8)
     err = _error(capsys, [str(other), "--path", str(tiny["ckpt"]), "--tokens-per-sample", "64",
                           "--context-window", "48"])
-    assert "56 symbols" in err and "vocabulary is 64" in err and "--srcdict" in err
+    assert "(56 symbols)" in err and "vocabulary 64" in err and "--srcdict" in err
+
+
+def test_error_dictionary_size_without_stored_dictionary(tiny, tmp_path, capsys):
+    """A checkpoint saved without dict.txt: only the size can be checked (fairseq's padding allowed)."""
+    ckpt = tmp_path / "ckpt"
+    save_params(tiny["params"], ckpt, CFG)
+    larger = write_data_bin(tmp_path / "larger", make_stream(50, seed=2), dict_symbols=CFG.vocab_size + 8)
+    err = _error(capsys, [str(larger), "--path", str(ckpt), "--tokens-per-sample", "64", "--context-window", "48"])
+    assert "has 72 symbols but the checkpoint's vocabulary is 64" in err
+    padded = write_data_bin(tmp_path / "padded", make_stream(50, seed=2), dict_symbols=CFG.vocab_size - 3)
+    eval_lm.main([str(padded), "--path", str(ckpt), "--tokens-per-sample", "64", "--context-window", "48", "--json"])
+    assert json.loads(capsys.readouterr().out)["ntokens"] == 50
 
 
 def test_error_dictionary_same_size_other_symbols(tiny, tmp_path, capsys):
@@ -194,7 +206,7 @@ def test_error_dictionary_same_size_other_symbols(tiny, tmp_path, capsys):
     d.save(other / "dict.txt")
     err = _error(capsys, [str(other), "--path", str(tiny["ckpt"]), "--tokens-per-sample", "64",
                           "--context-window", "48"])
-    assert "other symbols" in err
+    assert "(64 symbols) is not the checkpoint's dictionary" in err
 
 
 def test_error_context_window_not_below_tokens_per_sample(tiny, capsys):
