@@ -351,24 +351,16 @@ def compile_only(run: RunConfig) -> dict:
     import jax
 
     from m11b_jax import aot
-    from m11b_jax import sharding as S
 
     a = run.args
     n = run.world_size or DEFAULT_CPU_DEVICES
-    if a.target:
-        if importlib.util.find_spec("jax_cuda12_plugin") is None:
-            raise UserError(f"--target {a.target} compiles with JAX's CUDA plugin, which is not installed: "
-                            "pip install -e .[cuda-aot]")
-        target_mesh = getattr(aot, "target_mesh", None)
-        if target_mesh is None:
-            raise UserError(f"--target {a.target}: GPU-target compiles are not implemented yet; drop --target to "
-                            "compile on simulated CPU devices")
-        mesh = target_mesh(a.target, n, run.model_parallel_size)
-    else:
-        if jax.device_count() < n:
-            raise UserError(f"--compile-only needs {n} CPU devices but this process has {jax.device_count()}: "
-                            "run it in a fresh process")
-        mesh = S.make_mesh(run.model_parallel_size, jax.devices()[:n])
+    if a.target and importlib.util.find_spec("jax_cuda12_plugin") is None:
+        raise UserError(f"--target {a.target} compiles with JAX's CUDA plugin, which is not installed: "
+                        "pip install -e .[cuda-aot]")
+    if not a.target and jax.device_count() < n:
+        raise UserError(f"--compile-only needs {n} CPU devices but this process has {jax.device_count()}: "
+                        "run it in a fresh process")
+    mesh = aot.target_mesh(a.target, n, run.model_parallel_size)  # target None: this process's (CPU) devices
     report = aot.compile_report(run.model, mesh, batch_size=run.batch_size, tokens_per_sample=run.tokens_per_sample,
                                 update_freq=run.update_freq, sequence_parallel=run.sequence_parallel, ocfg=run.optim,
                                 target=a.target, criterion=a.criterion)

@@ -2,8 +2,8 @@
 
 MFU = (analytic model FLOPs per update x updates) / (elapsed seconds x devices x peak FLOP/s per device).
 The FLOPs are `config.analytic_train_flops` (6 N per token + attention, no remat recompute). Peaks are the
-vendors' dense (no sparsity) matmul figures for the compute dtype; fp32 on NVIDIA GPUs runs as TF32 by
-default in XLA, so its peak is the TF32 one. Unknown devices (and CPUs) give MFU `None`.
+vendors' dense (no sparsity) matmul figures for the compute dtype (`peak_flops`). Unknown devices (and CPUs)
+give MFU `None`.
 
 `MetricsLogger` writes every log line three ways: the console (through tqdm, so the progress bar stays at
 the bottom), one JSON object per line in `SAVE_DIR/train_log.jsonl`, and TensorBoard scalars (tensorboardX,
@@ -17,32 +17,19 @@ import math
 import os
 import sys
 
-# device_kind substring (lower case, first match wins) -> {compute dtype: dense peak FLOP/s per device}
-DEVICE_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("h100 pcie", {"bfloat16": 756e12, "float32": 378e12}),
-    ("h100 nvl", {"bfloat16": 835e12, "float32": 418e12}),
-    ("h100", {"bfloat16": 989e12, "float32": 494e12}),  # SXM
-    ("h200", {"bfloat16": 989e12, "float32": 494e12}),
-    ("gh200", {"bfloat16": 989e12, "float32": 494e12}),
-    ("b200", {"bfloat16": 2250e12, "float32": 1100e12}),
-    ("a100", {"bfloat16": 312e12, "float32": 156e12}),
-    ("a10g", {"bfloat16": 70e12, "float32": 35e12}),
-    ("l4", {"bfloat16": 121e12, "float32": 60e12}),
-    ("tpu v6", {"bfloat16": 918e12, "float32": 918e12}),   # Trillium (v6e); f32 matmuls run as bf16 passes
-    ("tpu v5 lite", {"bfloat16": 197e12, "float32": 197e12}),  # v5e
-    ("tpu v5e", {"bfloat16": 197e12, "float32": 197e12}),
-    ("tpu v5", {"bfloat16": 459e12, "float32": 459e12}),  # v5p
-    ("tpu v4", {"bfloat16": 275e12, "float32": 275e12}),
-)
-
 
 def peak_flops(device_kind: str, compute_dtype: str) -> float | None:
-    """Dense peak FLOP/s of one device for `compute_dtype`, or None when unknown (e.g. any CPU)."""
-    kind = device_kind.lower()
-    for key, peaks in DEVICE_PEAK_FLOPS:
-        if key in kind:
-            return peaks.get(compute_dtype, peaks["bfloat16"])
-    return None
+    """Dense peak FLOP/s of one device for `compute_dtype`, or None when unknown (e.g. any CPU).
+
+    The bf16 figures are `targets.PEAK_BF16_FLOPS`. fp32 matmuls run as TF32 on NVIDIA GPUs by default in
+    XLA, whose dense peak is half the bf16 one (A100, H100, H200); TPUs run fp32 matmuls as bf16 passes.
+    """
+    from m11b_jax.targets import peak_flops as bf16_peak
+
+    peak = bf16_peak(device_kind)
+    if peak is not None and compute_dtype == "float32" and "tpu" not in device_kind.lower():
+        peak /= 2
+    return peak
 
 
 def mfu(flops_per_update: float, updates: int, seconds: float, num_devices: int, peak: float | None) -> float | None:

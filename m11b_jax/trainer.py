@@ -120,7 +120,7 @@ def train(run) -> dict:
         for name in [s for s in a.valid_subset.split(",") if s]:
             valid_sets.append((name, D.load_split(data_path, name, run.tokens_per_sample, "--valid-subset "
                                                    "(or --disable-validation)")))
-    save_dir = ckpt.check_writable(a.save_dir)
+    save_dir = ckpt.check_writable(a.save_dir).absolute()
 
     mesh = S.make_mesh(run.model_parallel_size)
     rules = S.logical_rules(sequence_parallel=run.sequence_parallel)
@@ -202,7 +202,7 @@ def train(run) -> dict:
             summary["checkpoints"].append(update)
 
     summary = {"save_dir": str(save_dir), "data": data_path, "start_update": start, "resumed_from": resumed_from,
-               "losses": {}, "valid": [], "checkpoints": [], "stopped_by": None,
+               "losses": {}, "train": [], "valid": [], "checkpoints": [], "stopped_by": None,
                "mesh": dict(mesh.shape), "sequence_parallel": run.sequence_parallel}
     logger.print(
         f"| {cfg.name}: {cfg.num_params() / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {n_dev} "
@@ -258,8 +258,11 @@ def train(run) -> dict:
                        "gnorm": interval.gnorm / interval.updates, "wpb": interval.ntokens / interval.updates,
                        "wps": interval.timed_tokens / secs if interval.timed_updates and secs > 0 else None,
                        "ups": interval.timed_updates / secs if interval.timed_updates and secs > 0 else None,
+                       "model_tflops": (flops_per_update * interval.timed_updates / secs / 1e12
+                                        if interval.timed_updates and secs > 0 else None),
                        "mfu": mfu(flops_per_update, interval.timed_updates, secs, n_dev, peak),
                        "elapsed_s": round(now - t_start, 3)}
+                summary["train"].append(rec)
                 logger.log(rec, prefix="train", tb_keys=("loss", "ppl", "lr", "gnorm", "wps", "mfu"))
                 interval = _Interval(t0=now)
         del pending[:upto]
