@@ -18,12 +18,13 @@ from m11b_jax.errors import UserError
 
 
 def backends_initialized() -> bool:
+    """Whether JAX has started its backends (after which device settings are fixed). Unknown: False."""
     try:
         from jax._src import xla_bridge
 
         return bool(xla_bridge.backends_are_initialized())
-    except Exception:  # a private API; assume the worst
-        return True
+    except Exception:  # a private API: if it moves, the config updates below report a late call themselves
+        return False
 
 
 def force_cpu_platform() -> None:
@@ -45,14 +46,14 @@ def configure_cpu_devices(n: int) -> None:
         raise UserError(f"the number of CPU devices must be >= 1, got {n}")
     if jax.config.jax_num_cpu_devices == n:
         return
-    if backends_initialized():
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backends already started in this process
         have = len(jax.devices("cpu"))
         if have != n:
             raise UserError(
                 f"JAX's CPU backend already started with {have} devices in this process, {n} are needed: "
-                f"run in a fresh process (or set jax_num_cpu_devices={n} before any JAX computation)")
-        return
-    jax.config.update("jax_num_cpu_devices", n)
+                f"run in a fresh process (or set jax_num_cpu_devices={n} before any JAX computation)") from None
 
 
 def _env_int(name: str) -> int | None:

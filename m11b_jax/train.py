@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=1,
                    help="N > 0: a background thread prepares N updates' batches ahead; 0: in the loop")
     g.add_argument("--seed", type=int, default=1, help="initialization, data order and dropout (keys = seed, update)")
+    g.add_argument("--dropout-rng", choices=("auto", "threefry2x32", "rbg"), default="auto",
+                   help="dropout mask generator: threefry2x32 gives the same masks on any mesh and backend; rbg "
+                        "(XLA's RngBitGenerator) is much cheaper on GPUs and deterministic for a given program. "
+                        "auto: rbg on GPUs, threefry2x32 elsewhere")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--max-update", type=int, default=0, help="stop after this many updates (0: no limit)")

@@ -162,7 +162,8 @@ def train(run) -> dict:
     else:
         state = init_train_state(cfg, mesh, rules, ocfg, seed=seed)
 
-    step_fn = make_train_step(cfg, mesh, rules, ocfg, criterion=a.criterion, seed=seed)
+    rng_impl = a.dropout_rng if a.dropout_rng != "auto" else ("rbg" if jax.default_backend() == "gpu" else "threefry2x32")
+    step_fn = make_train_step(cfg, mesh, rules, ocfg, criterion=a.criterion, seed=seed, rng_impl=rng_impl)
     eval_fn = make_eval_loss(cfg, mesh, rules, criterion=a.criterion)
     saver = None if a.no_save else ckpt.Checkpointer(save_dir, keep=a.keep_interval_updates)
 
@@ -179,7 +180,7 @@ def train(run) -> dict:
         return {"update": update, "data": batches.state_dict(), "seed": seed, "model_config": dataclasses.asdict(cfg),
                 "optim": dataclasses.asdict(ocfg), "mesh": dict(mesh.shape), "dtype_policy": run.dtype_policy,
                 "data_path": os.path.abspath(data_path), "tokens_per_sample": run.tokens_per_sample,
-                "update_freq": run.update_freq}
+                "update_freq": run.update_freq, "dropout_rng": rng_impl}
 
     def validate(update: int) -> None:
         for name, blocks in valid_sets:
@@ -207,7 +208,7 @@ def train(run) -> dict:
     logger.print(
         f"| {cfg.name}: {cfg.num_params() / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {n_dev} "
         f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | sequence parallel "
-        f"{run.sequence_parallel} | {run.dtype_policy} | global batch {global_rows} x {run.tokens_per_sample} tokens"
+        f"{run.sequence_parallel} | {run.dtype_policy} | dropout rng {rng_impl} | global batch {global_rows} x {run.tokens_per_sample} tokens"
         f" x update-freq {run.update_freq} | data {data_path} ({train_blocks.num_tokens} train tokens, "
         f"{len(dictionary)} symbols)" + (f" | resumed from {resumed_from}" if resumed_from else ""))
 
