@@ -23,7 +23,6 @@ import threading
 import time
 
 import jax
-import numpy as np
 
 from m11b_jax import checkpoint as ckpt
 from m11b_jax import sharding as S
@@ -95,227 +94,264 @@ class _Interval:
     paused: float = 0.0  # seconds spent validating / saving, not training
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+class Trainer:
+    """One training run: data, mesh, state, compiled step, checkpoints, metrics. `run()` trains."""
 
+    def __init__(self, run):
+        a = self.args = run.args
+        self.run_cfg = run
+        self.cfg, self.ocfg = run.model, run.optim
+        self.is_main = jax.process_index() == 0
+        self.t_start = time.perf_counter()
 
-def train(run) -> dict:
-    """Run training as configured by `run` (a train.RunConfig). Returns a summary (per-update losses etc.)."""
-    a = run.args
-    cfg, ocfg = run.model, run.optim
-    is_main = jax.process_index() == 0
-    multi = jax.process_count() > 1
+        # Data and the save dir first: every cheap check runs before anything is compiled.
+        if run.offline:
+            from m11b_jax.corpus import ensure_offline_corpus
 
-    # ---- data, save dir (all cheap checks before any compilation) ----
-    if run.offline:
-        from m11b_jax.corpus import ensure_offline_corpus
+            self.data_path = str(ensure_offline_corpus())
+        else:
+            self.data_path = run.data
+        self.dictionary = D.load_dictionary(self.data_path, self.cfg.vocab_size)
+        self.train_blocks = D.load_split(self.data_path, a.train_subset, run.tokens_per_sample, "--train-subset")
+        self.valid_sets = [] if a.disable_validation else [
+            (name, D.load_split(self.data_path, name, run.tokens_per_sample, "--valid-subset (or --disable-validation)"))
+            for name in a.valid_subset.split(",") if name]
+        self.save_dir = ckpt.check_writable(a.save_dir).absolute()
 
-        data_path = str(ensure_offline_corpus())
-    else:
-        data_path = run.data
-    dictionary = D.load_dictionary(data_path, cfg.vocab_size)
-    train_blocks = D.load_split(data_path, a.train_subset, run.tokens_per_sample, "--train-subset")
-    valid_sets = []
-    if not a.disable_validation:
-        for name in [s for s in a.valid_subset.split(",") if s]:
-            valid_sets.append((name, D.load_split(data_path, name, run.tokens_per_sample, "--valid-subset "
-                                                   "(or --disable-validation)")))
-    save_dir = ckpt.check_writable(a.save_dir).absolute()
+        self.mesh = S.make_mesh(run.model_parallel_size)
+        self.rules = S.logical_rules(sequence_parallel=run.sequence_parallel)
+        self.batches = D.TrainBatches(self.train_blocks, self.mesh, run.batch_size, run.update_freq, seed=a.seed,
+                                      prefetch=a.num_workers)
+        self.seed = a.seed
+        self.start, self.resumed_from = 0, None
+        self.state = self._restore_or_init()
 
-    mesh = S.make_mesh(run.model_parallel_size)
-    rules = S.logical_rules(sequence_parallel=run.sequence_parallel)
-    batches = D.TrainBatches(train_blocks, mesh, run.batch_size, run.update_freq, seed=a.seed, prefetch=a.num_workers)
-    global_rows = batches.global_rows
+        self.rng_impl = a.dropout_rng if a.dropout_rng != "auto" else (
+            "rbg" if jax.default_backend() == "gpu" else "threefry2x32")
+        self.step_fn = make_train_step(self.cfg, self.mesh, self.rules, self.ocfg, criterion=a.criterion,
+                                       seed=self.seed, rng_impl=self.rng_impl)
+        self.eval_fn = make_eval_loss(self.cfg, self.mesh, self.rules, criterion=a.criterion)
+        self.saver = None if a.no_save else ckpt.Checkpointer(self.save_dir, keep=a.keep_interval_updates)
 
-    # ---- state: resume, fine-tune, or fresh ----
-    seed = a.seed
-    start = 0
-    resumed_from = None
-    point = ckpt.find_restore_point(save_dir, a.restore_file)
-    if point is not None:
-        root, upd = point
-        meta = ckpt.read_meta(root, upd)
-        ckpt.check_compatible(meta, dataclasses.asdict(cfg), str(root / str(upd)))
-        saved_rows = int(meta.get("data", {}).get("global_batch_size", global_rows))
-        if saved_rows != global_rows:
-            d = mesh.shape[S.DATA]
-            fix = (f"pass --batch-size {saved_rows // d}" if saved_rows % d == 0 else
-                   f"its global batch is not divisible by the data axis ({d} = devices / --model-parallel-size); "
-                   "pick a --model-parallel-size that makes it so")
-            raise UserError(f"the checkpoint {root / str(upd)} was trained with a global batch of {saved_rows} blocks, "
-                            f"this run has {global_rows} ({run.batch_size} x {d} data replicas): {fix}")
-        state, meta = ckpt.restore(root, upd, abstract_train_state(cfg, mesh, rules, ocfg))
-        batches.load_state_dict(meta["data"])
-        seed = int(meta.get("seed", seed))
-        start = int(meta["update"])
-        resumed_from = str(root / str(upd))
-    elif a.finetune_from_model:
-        from m11b_jax import params_io
+        global_rows = self.batches.global_rows
+        self.flops_per_update = analytic_train_flops(self.cfg, global_rows * run.update_freq, run.tokens_per_sample)
+        self.peak = peak_flops(jax.devices()[0].device_kind, self.cfg.compute_dtype)
+        self.logger = MetricsLogger(str(self.save_dir), a.tensorboard_logdir, enabled=self.is_main,
+                                    progress_total=a.max_update or None, progress_initial=self.start,
+                                    progress_bar=not a.no_progress_bar)
+        self.summary = {"save_dir": str(self.save_dir), "data": self.data_path, "start_update": self.start,
+                        "resumed_from": self.resumed_from, "losses": {}, "train": [], "valid": [], "checkpoints": [],
+                        "stopped_by": None, "mesh": dict(self.mesh.shape), "sequence_parallel": run.sequence_parallel}
+        self.pending: list[tuple[int, dict]] = []  # dispatched updates whose metrics are not read yet
+        self.interval = _Interval()
 
-        saved_cfg = params_io.load_model_config(a.finetune_from_model)
-        ckpt.check_compatible({"model_config": dataclasses.asdict(saved_cfg)}, dataclasses.asdict(cfg),
-                              a.finetune_from_model)
-        with S.activate(mesh, rules):
-            params = params_io.load_params(a.finetune_from_model, mesh, rules, cfg=cfg)
-        state = state_from_params(params, ocfg, state_shardings(cfg, mesh, rules))
-        del params
-    else:
-        state = init_train_state(cfg, mesh, rules, ocfg, seed=seed)
+    # ---- state ---------------------------------------------------------------------------------------
 
-    rng_impl = a.dropout_rng if a.dropout_rng != "auto" else ("rbg" if jax.default_backend() == "gpu" else "threefry2x32")
-    step_fn = make_train_step(cfg, mesh, rules, ocfg, criterion=a.criterion, seed=seed, rng_impl=rng_impl)
-    eval_fn = make_eval_loss(cfg, mesh, rules, criterion=a.criterion)
-    saver = None if a.no_save else ckpt.Checkpointer(save_dir, keep=a.keep_interval_updates)
+    def _restore_or_init(self):
+        a, cfg, mesh, rules, ocfg = self.args, self.cfg, self.mesh, self.rules, self.ocfg
+        point = ckpt.find_restore_point(self.save_dir, a.restore_file)
+        if point is not None:
+            root, upd = point
+            where = root / str(upd)
+            meta = ckpt.read_meta(root, upd)
+            ckpt.check_compatible(meta, dataclasses.asdict(cfg), str(where))
+            self._check_global_batch(meta, where)
+            state, meta = ckpt.restore(root, upd, abstract_train_state(cfg, mesh, rules, ocfg))
+            self.batches.load_state_dict(meta["data"])
+            self.seed = int(meta.get("seed", self.seed))
+            if self.seed != a.seed:
+                self._note(f"| resuming with the checkpoint's seed {self.seed} (not --seed {a.seed}): same data order "
+                           "and dropout as the run that saved it")
+            if a.finetune_from_model:
+                self._note(f"| --finetune-from-model ignored: {self.save_dir} already holds a checkpoint")
+            self.start, self.resumed_from = int(meta["update"]), str(where)
+            return state
+        if a.finetune_from_model:
+            from m11b_jax import params_io
 
-    flops_per_update = analytic_train_flops(cfg, global_rows * run.update_freq, run.tokens_per_sample)
-    peak = peak_flops(jax.devices()[0].device_kind, cfg.compute_dtype)
-    n_dev = jax.device_count()
-    logger = MetricsLogger(str(save_dir), a.tensorboard_logdir, enabled=is_main,
-                           progress_total=a.max_update or None, progress_initial=start,
-                           progress_bar=not a.no_progress_bar)
-    stop = _StopRequest(multi)
-    stop.install()
+            saved = params_io.load_model_config(a.finetune_from_model)
+            ckpt.check_compatible({"model_config": dataclasses.asdict(saved)}, dataclasses.asdict(cfg),
+                                  a.finetune_from_model)
+            with S.activate(mesh, rules):
+                params = params_io.load_params(a.finetune_from_model, mesh, rules, cfg=cfg)
+            return state_from_params(params, ocfg, state_shardings(cfg, mesh, rules))
+        return init_train_state(cfg, mesh, rules, ocfg, seed=self.seed)
 
-    def meta_now(update: int) -> dict:
-        return {"update": update, "data": batches.state_dict(), "seed": seed, "model_config": dataclasses.asdict(cfg),
-                "optim": dataclasses.asdict(ocfg), "mesh": dict(mesh.shape), "dtype_policy": run.dtype_policy,
-                "data_path": os.path.abspath(data_path), "tokens_per_sample": run.tokens_per_sample,
-                "update_freq": run.update_freq, "dropout_rng": rng_impl}
+    def _check_global_batch(self, meta: dict, where) -> None:
+        """A run continues with the global batch it was trained with, whatever the mesh."""
+        rows = self.batches.global_rows
+        saved = int(meta.get("data", {}).get("global_batch_size", rows))
+        if saved == rows:
+            return
+        d = self.mesh.shape[S.DATA]
+        fix = (f"pass --batch-size {saved // d}" if saved % d == 0 else
+               f"its global batch is not divisible by the data axis ({d} = devices / --model-parallel-size); pick a "
+               "--model-parallel-size that makes it so")
+        raise UserError(f"the checkpoint {where} was trained with a global batch of {saved} blocks, this run has "
+                        f"{rows} ({self.run_cfg.batch_size} x {d} data replicas): {fix}")
 
-    def validate(update: int) -> None:
-        for name, blocks in valid_sets:
+    def _meta(self, update: int) -> dict:
+        run = self.run_cfg
+        return {"update": update, "data": self.batches.state_dict(), "seed": self.seed,
+                "model_config": dataclasses.asdict(self.cfg), "optim": dataclasses.asdict(self.ocfg),
+                "mesh": dict(self.mesh.shape), "dtype_policy": run.dtype_policy,
+                "data_path": os.path.abspath(self.data_path), "tokens_per_sample": run.tokens_per_sample,
+                "update_freq": run.update_freq, "dropout_rng": self.rng_impl}
+
+    def _save(self, update: int) -> None:
+        if self.saver is not None and self.saver.save(update, self.state, self._meta(update)):
+            self.summary["checkpoints"].append(update)
+
+    # ---- validation and metrics ----------------------------------------------------------------------
+
+    def _validate(self, update: int) -> None:
+        for name, blocks in self.valid_sets:
             t0 = time.perf_counter()
             nll = ntok = 0.0
-            for b in D.valid_batches(blocks, mesh, run.batch_size_valid):
+            for b in D.valid_batches(blocks, self.mesh, self.run_cfg.batch_size_valid):
                 # One batch in flight at a time: queuing hundreds of small collective programs on simulated CPU
                 # devices can starve XLA's CPU thread pool (a rendezvous deadlock); the wait costs little.
-                loss_sum, count = jax.device_get(eval_fn(state.params, b["source"], b["target"]))
+                loss_sum, count = jax.device_get(self.eval_fn(self.state.params, b["source"], b["target"]))
                 nll += float(loss_sum)
                 ntok += float(count)
             loss = nll / max(ntok, 1.0) / math.log(2)
             rec = {"update": update, "subset": name, "valid_loss": loss, "valid_ppl": base2_ppl(loss),
                    "valid_ntokens": int(ntok), "valid_s": round(time.perf_counter() - t0, 3)}
-            summary["valid"].append(rec)
-            logger.log(rec, prefix=f"valid on '{name}'", tb_keys=("valid_loss", "valid_ppl"))
+            self.summary["valid"].append(rec)
+            self.logger.log(rec, prefix=f"valid on '{name}'", tb_keys=("valid_loss", "valid_ppl"))
 
-    def save(update: int) -> None:
-        if saver is not None and saver.save(update, state, meta_now(update)):
-            summary["checkpoints"].append(update)
-
-    summary = {"save_dir": str(save_dir), "data": data_path, "start_update": start, "resumed_from": resumed_from,
-               "losses": {}, "train": [], "valid": [], "checkpoints": [], "stopped_by": None,
-               "mesh": dict(mesh.shape), "sequence_parallel": run.sequence_parallel}
-    logger.print(
-        f"| {cfg.name}: {cfg.num_params() / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {n_dev} "
-        f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | sequence parallel "
-        f"{run.sequence_parallel} | {run.dtype_policy} | dropout rng {rng_impl} | global batch {global_rows} x {run.tokens_per_sample} tokens"
-        f" x update-freq {run.update_freq} | data {data_path} ({train_blocks.num_tokens} train tokens, "
-        f"{len(dictionary)} symbols)" + (f" | resumed from {resumed_from}" if resumed_from else ""))
-
-    if multi:  # every process says which rows it reads
-        n_shards, shard = D.host_data_share(mesh)
-        print(f"| process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local devices, "
-              f"reads data shard {shard} of {n_shards} ({global_rows // n_shards} of the {global_rows} rows of each "
-              "global batch)", file=sys.stderr, flush=True)
-
-    interval = _Interval(t0=time.perf_counter())
-    pending: list[tuple[int, dict]] = []
-    t_start = time.perf_counter()
-    update = start
-    last_validated = last_saved = None
-
-    def drain(keep_last: bool) -> None:
-        """Fetch and check the metrics of dispatched updates; log at log-interval boundaries."""
-        nonlocal interval
-        upto = len(pending) - 1 if keep_last else len(pending)
+    def _drain(self, keep_last: bool) -> None:
+        """Read and check the metrics of dispatched updates (all, or all but the newest); log on boundaries."""
+        upto = len(self.pending) - 1 if keep_last else len(self.pending)
         if upto <= 0:
             return
-        fetched = jax.device_get([m for _, m in pending[:upto]])
-        for (u, _), m in zip(pending[:upto], fetched):
-            loss, gnorm = float(m["loss"]), float(m["gnorm"])
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                last = saver.last_saved if saver is not None else None
-                raise TrainingDiverged(
-                    f"loss is {loss} (gradient norm {gnorm}) at update {u}: training stopped; "
-                    + (f"the last good checkpoint is {save_dir / str(last)}" if last is not None else "no checkpoint was saved")
-                    + "; lower --lr, set --clip-norm, or check the data")
-            summary["losses"][u] = loss
-            interval.nll += float(m["nll_sum"])
-            interval.ntokens += float(m["ntokens"])
-            interval.gnorm += gnorm
-            interval.updates += 1
-            if u == start + 1:  # the first update includes compilation: time from its end
-                interval.t0 = time.perf_counter()
-                logger.print(f"| first update (compile + run) took {interval.t0 - t_start:.1f}s")
-            else:
-                interval.timed_updates += 1
-                interval.timed_tokens += float(m["ntokens"])
-            logger.advance(1, loss=loss)
-            if u % a.log_interval == 0 or (a.max_update and u == a.max_update):
-                now = time.perf_counter()
-                secs = now - interval.t0 - interval.paused
-                il = interval.nll / max(interval.ntokens, 1.0) / math.log(2)
-                rec = {"update": u, "loss": il, "ppl": base2_ppl(il), "lr": float(m["lr"]),
-                       "gnorm": interval.gnorm / interval.updates, "wpb": interval.ntokens / interval.updates,
-                       "wps": interval.timed_tokens / secs if interval.timed_updates and secs > 0 else None,
-                       "ups": interval.timed_updates / secs if interval.timed_updates and secs > 0 else None,
-                       "model_tflops": (flops_per_update * interval.timed_updates / secs / 1e12
-                                        if interval.timed_updates and secs > 0 else None),
-                       "mfu": mfu(flops_per_update, interval.timed_updates, secs, n_dev, peak),
-                       "elapsed_s": round(now - t_start, 3)}
-                summary["train"].append(rec)
-                logger.log(rec, prefix="train", tb_keys=("loss", "ppl", "lr", "gnorm", "wps", "mfu"))
-                interval = _Interval(t0=now)
-        del pending[:upto]
+        fetched = jax.device_get([m for _, m in self.pending[:upto]])
+        for (u, _), m in zip(self.pending[:upto], fetched):
+            self._account(u, m)
+        del self.pending[:upto]
 
-    try:
-        if run.validate_at_start and start == 0 and valid_sets:
-            validate(0)
-        while not a.max_update or update < a.max_update:
-            batch = batches.next()
-            state, metrics = step_fn(state, batch)
-            update += 1
-            pending.append((update, metrics))
-            is_last = bool(a.max_update) and update >= a.max_update
-            do_save = bool(a.save_interval_updates) and update % a.save_interval_updates == 0
-            do_valid = do_save or (bool(a.validate_interval_updates) and update % a.validate_interval_updates == 0)
-            stopping = stop.should_stop(update)
-            sync = is_last or do_save or do_valid or stopping or update % a.log_interval == 0
-            drain(keep_last=not sync)
-            if stopping:
-                logger.print(f"| {stop.signal_name} received: saving a checkpoint at update {update} and stopping")
-                summary["stopped_by"] = stop.signal_name
-                break
-            t_pause = time.perf_counter()
-            if do_valid and valid_sets:
-                validate(update)
-                last_validated = update
-            if do_save:
-                save(update)
-                last_saved = update
-            interval.paused += time.perf_counter() - t_pause
-        drain(keep_last=False)
-        if summary["stopped_by"] is None and valid_sets and last_validated != update and update > start:
-            validate(update)
-        if last_saved != update:
-            save(update)
-        if saver is not None:
-            saver.wait()
-    finally:
-        stop.restore()
-        batches.close()
-        if saver is not None:
-            try:
-                saver.close()  # waits for a save in flight: a good checkpoint is never left half-written
-            except Exception:  # noqa: BLE001 - never mask the error that got us here
-                pass
-        logger.close()
+    def _account(self, u: int, m: dict) -> None:
+        a, iv = self.args, self.interval
+        loss, gnorm = float(m["loss"]), float(m["gnorm"])
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            last = self.saver.last_saved if self.saver is not None else None
+            raise TrainingDiverged(
+                f"loss is {loss} (gradient norm {gnorm}) at update {u}: training stopped; "
+                + (f"the last good checkpoint is {self.save_dir / str(last)}" if last is not None
+                   else "no checkpoint was saved")
+                + "; lower --lr, set --clip-norm, or check the data")
+        self.summary["losses"][u] = loss
+        iv.nll += float(m["nll_sum"])
+        iv.ntokens += float(m["ntokens"])
+        iv.gnorm += gnorm
+        iv.updates += 1
+        if u == self.start + 1:  # the first update includes compilation: time from its end
+            iv.t0 = time.perf_counter()
+            self._note(f"| first update (compile + run) took {iv.t0 - self.t_start:.1f}s")
+        else:
+            iv.timed_updates += 1
+            iv.timed_tokens += float(m["ntokens"])
+        self.logger.advance(1, loss=loss)
+        if u % a.log_interval == 0 or (a.max_update and u == a.max_update):
+            self._log_train(u, float(m["lr"]))
 
-    summary["end_update"] = update
-    summary["elapsed_s"] = time.perf_counter() - t_start
-    if is_main:
-        _print_summary(summary, a, logger)
-    return summary
+    def _log_train(self, u: int, lr: float) -> None:
+        iv, now = self.interval, time.perf_counter()
+        secs = now - iv.t0 - iv.paused
+        timed = iv.timed_updates > 0 and secs > 0
+        loss = iv.nll / max(iv.ntokens, 1.0) / math.log(2)
+        rec = {"update": u, "loss": loss, "ppl": base2_ppl(loss), "lr": lr, "gnorm": iv.gnorm / iv.updates,
+               "wpb": iv.ntokens / iv.updates,
+               "wps": iv.timed_tokens / secs if timed else None,
+               "ups": iv.timed_updates / secs if timed else None,
+               "model_tflops": self.flops_per_update * iv.timed_updates / secs / 1e12 if timed else None,
+               "mfu": mfu(self.flops_per_update, iv.timed_updates, secs, jax.device_count(), self.peak),
+               "elapsed_s": round(now - self.t_start, 3)}
+        self.summary["train"].append(rec)
+        self.logger.log(rec, prefix="train", tb_keys=("loss", "ppl", "lr", "gnorm", "wps", "mfu"))
+        self.interval = _Interval(t0=now)
+
+    def _note(self, message: str) -> None:
+        if hasattr(self, "logger"):
+            self.logger.print(message)  # a no-op on processes other than 0
+        elif self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def _header(self) -> None:
+        run, cfg, rows = self.run_cfg, self.cfg, self.batches.global_rows
+        self._note(
+            f"| {cfg.name}: {cfg.num_params() / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | "
+            f"sequence parallel {run.sequence_parallel} | {run.dtype_policy} | dropout rng {self.rng_impl} | "
+            f"global batch {rows} x {run.tokens_per_sample} tokens x update-freq {run.update_freq} | data "
+            f"{self.data_path} ({self.train_blocks.num_tokens} train tokens, {len(self.dictionary)} symbols)"
+            + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
+        if jax.process_count() > 1:  # every process says which rows it reads
+            n_shards, shard = D.host_data_share(self.mesh)
+            print(f"| process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local "
+                  f"devices, reads data shard {shard} of {n_shards} ({rows // n_shards} of the {rows} rows of each "
+                  "global batch)", file=sys.stderr, flush=True)
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        a, summary = self.args, self.summary
+        stop = _StopRequest(jax.process_count() > 1)
+        stop.install()
+        update, last_validated, last_saved = self.start, None, None
+        try:
+            self._header()
+            if self.run_cfg.validate_at_start and self.start == 0 and self.valid_sets:
+                self._validate(0)
+            self.interval = _Interval(t0=time.perf_counter())
+            while not a.max_update or update < a.max_update:
+                self.state, metrics = self.step_fn(self.state, self.batches.next())
+                update += 1
+                self.pending.append((update, metrics))
+                is_last = bool(a.max_update) and update >= a.max_update
+                do_save = bool(a.save_interval_updates) and update % a.save_interval_updates == 0
+                do_valid = do_save or (bool(a.validate_interval_updates) and update % a.validate_interval_updates == 0)
+                stopping = stop.should_stop(update)
+                # Keep one update in flight, except where its result is needed now (a good state to save included).
+                self._drain(keep_last=not (is_last or do_save or do_valid or stopping or update % a.log_interval == 0))
+                if stopping:
+                    self._note(f"| {stop.signal_name} received: saving a checkpoint at update {update} and stopping")
+                    summary["stopped_by"] = stop.signal_name
+                    break
+                t_pause = time.perf_counter()
+                if do_valid and self.valid_sets:
+                    self._validate(update)
+                    last_validated = update
+                if do_save:
+                    self._save(update)
+                    last_saved = update
+                self.interval.paused += time.perf_counter() - t_pause
+            self._drain(keep_last=False)
+            if summary["stopped_by"] is None and self.valid_sets and last_validated != update and update > self.start:
+                self._validate(update)
+            if last_saved != update:
+                self._save(update)
+            if self.saver is not None:
+                self.saver.wait()
+        finally:
+            stop.restore()
+            self.batches.close()
+            if self.saver is not None:
+                try:
+                    self.saver.close()  # waits for a save in flight: a good checkpoint is never left half-written
+                except Exception:  # noqa: BLE001 - never mask the error that got us here
+                    pass
+            self.logger.close()
+        summary["end_update"] = update
+        summary["elapsed_s"] = time.perf_counter() - self.t_start
+        if self.is_main:
+            _print_summary(summary, a, self.logger)
+        return summary
+
+
+def train(run) -> dict:
+    """Run training as configured by `run` (a train.RunConfig). Returns a summary (per-update losses etc.)."""
+    return Trainer(run).run()
 
 
 def _print_summary(summary: dict, a, logger: MetricsLogger) -> None:
