@@ -161,6 +161,14 @@ def default_passes(platform: str, batch_size: int) -> int:
     return batch_size if platform == "cpu" else 1
 
 
+def matmul_precision(cfg):
+    """fp32 evaluation means fp32 matmuls: 'highest' precision, so GPUs do not round inputs to TF32 (which
+    moved per-token log-probs by ~2e-3 on an H200); bfloat16 keeps the default."""
+    import jax
+
+    return jax.default_matmul_precision("highest" if cfg.compute_dtype == "float32" else None)
+
+
 def make_score_step(cfg, mesh, rules, attention_chunk: int, passes: int = 1):
     """jit of scoring.score_in_passes with the params' and the batch's shardings on `mesh`."""
     import jax
@@ -206,7 +214,7 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
         return (jax.device_put(tokens, rows), jax.device_put(first, firsts), jax.device_put(targets, rows))
 
     t0 = time.perf_counter()
-    with S.activate(mesh, rules):
+    with S.activate(mesh, rules), matmul_precision(cfg):
         ids, arrays = batch_of(0)
         compiled = make_score_step(cfg, mesh, rules, chunk, passes).lower(params, *put(arrays)).compile()
     compile_s = time.perf_counter() - t0
@@ -363,7 +371,7 @@ def compile_only_report(cfg, mesh, *, batch_size: int, tokens_per_sample: int, c
              jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=S.batch_sharding(mesh, 1)),
              jax.ShapeDtypeStruct((global_batch, windows.block), jnp.int32, sharding=rows))
     t0 = time.perf_counter()
-    with S.activate(mesh, rules):
+    with S.activate(mesh, rules), matmul_precision(cfg):
         compiled = make_score_step(cfg, mesh, rules, chunk, passes).lower(abstract, *batch).compile()
     param_bytes = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
                       for a in jax.tree.leaves(abstract))

@@ -260,3 +260,23 @@ def test_scoring_matches_model_forward_bf16():
     logp = jax.nn.log_softmax(TransformerLM(cfg).apply({"params": params}, tokens).astype(jnp.float32), -1)
     want = np.stack([np.asarray(logp[r, int(first[r]) + np.arange(8), np.asarray(targets[r])]) for r in range(2)])
     np.testing.assert_allclose(got, want, atol=0.1, rtol=0)
+
+
+def test_compile_only_release_on_8_devices_fp32(capsys):
+    """The 11B eval step, model-parallel over 8 simulated devices in fp32, from abstract params: each device
+    holds exactly 1/8 of every split weight and a copy of the rest; only all-reduces cross devices."""
+    from m11b_jax.config import load_config
+
+    eval_lm.main(["--compile-only", "--arch", "transformer_lm_megatron_11b", "--model-parallel-size", "8",
+                  "--dtype", "float32", "--batch-size", "8"])
+    report = json.loads(capsys.readouterr().out)
+    cfg = load_config("transformer_lm_megatron_11b")
+    d, f, L, V = cfg.d_model, cfg.ffn_dim, cfg.num_layers, cfg.vocab_size
+    split = L * (4 * d * d + 3 * d + 2 * d * f + f) + V * d  # q/k/v/out kernels, q/k/v biases, fc1/fc2, fc1 bias
+    replicated = L * (d + d + 4 * d) + 2 * d  # out_proj and fc2 biases, two LayerNorms per layer, final LayerNorm
+    assert split + replicated == cfg.num_params()
+    assert report["param_bytes_per_device"] == 4 * (split // 8 + replicated)
+    mem = report["per_device_bytes"]
+    assert mem["arguments"] >= report["param_bytes_per_device"]
+    assert mem["total"] < 6.5 * 2**30  # 5.14 GiB of weights + activations of 8 windows of 1024
+    assert set(report["collectives"]) == {"all-reduce"}
