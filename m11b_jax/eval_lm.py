@@ -304,7 +304,14 @@ def eval_config(cfg, dtype: str):
 
 
 def load_checkpoint(path: str | os.PathLike, mesh, rules, dtype: str):
-    """(config, params on mesh, the checkpoint's dict.txt or None) from an m11b_jax params checkpoint."""
+    """(config, params on mesh, the checkpoint's dict.txt or None) from a checkpoint directory.
+
+    Either an m11b_jax params checkpoint (`python -m m11b_jax.convert`, `params_io.save_params`), or a
+    training checkpoint of `python -m m11b_jax.train` (a `--save-dir`: its latest update, or one update's
+    directory `SAVE_DIR/<update>`); the latter is restored whole (parameters and Adam moments) and the
+    moments are dropped, so it needs about 3x the parameters' memory while loading.
+    """
+    from m11b_jax import checkpoint as train_ckpt
     from m11b_jax import params_io
 
     path = pathlib.Path(path)
@@ -314,8 +321,37 @@ def load_checkpoint(path: str | os.PathLike, mesh, rules, dtype: str):
         raise UserError(
             f"{path} is a file, not an m11b_jax params checkpoint directory: convert fairseq shards first "
             f"(python -m m11b_jax.convert {path} OUT) and pass --path OUT")
+    if train_ckpt.is_step_dir(path) or train_ckpt.list_steps(path):
+        return load_training_checkpoint(path, mesh, rules, dtype)
     cfg = eval_config(params_io.load_model_config(path), dtype)
     return cfg, params_io.load_params(path, mesh, rules, cfg=cfg), params_io.dictionary_path(path)
+
+
+def load_training_checkpoint(path: pathlib.Path, mesh, rules, dtype: str):
+    """The parameters of an orbax training checkpoint (see load_checkpoint), cast to `dtype` on `mesh`."""
+    import jax
+
+    from m11b_jax import checkpoint as train_ckpt
+    from m11b_jax import sharding as S
+    from m11b_jax.config import ModelConfig
+    from m11b_jax.train_step import OptimConfig, abstract_train_state
+
+    if train_ckpt.is_step_dir(path):
+        root, update = path.parent, int(path.name)
+    else:
+        root, update = path, train_ckpt.list_steps(path)[-1]
+    meta = train_ckpt.read_meta(root, update)
+    try:
+        stored = ModelConfig.from_dict(meta["model_config"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{root / str(update)}: no usable model config in its metadata ({e}): "
+                        "the checkpoint is damaged") from None
+    # The Adam state's structure depends only on the optimizer, not on its settings.
+    state, _ = train_ckpt.restore(root, update, abstract_train_state(stored, mesh, rules, OptimConfig()))
+    cfg = eval_config(stored, dtype)
+    cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dtype), p),
+                   out_shardings=S.param_shardings(cfg, mesh, rules))
+    return cfg, cast(state.params), None
 
 
 def original_token_count(args) -> int | None:
@@ -420,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m m11b_jax.eval_lm", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?", metavar="DATA_BIN", help="folder with dict.txt and SPLIT.bin/.idx")
-    p.add_argument("--path", help="m11b_jax params checkpoint (python -m m11b_jax.convert writes one)")
+    p.add_argument("--path", help="m11b_jax params checkpoint (python -m m11b_jax.convert writes one), or a "
+                                  "training --save-dir / one of its update directories")
     p.add_argument("--gen-subset", default="test", help="split to score (default %(default)s)")
     add_eval_args(p)
     count = p.add_mutually_exclusive_group()

@@ -7,6 +7,7 @@ block's targets. It shares no code with m11b_jax.eval_lm or m11b_jax.scoring.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -280,3 +281,21 @@ def test_compile_only_release_on_8_devices_fp32(capsys):
     assert mem["arguments"] >= report["param_bytes_per_device"]
     assert mem["total"] < 6.5 * 2**30  # 5.14 GiB of weights + activations of 8 windows of 1024
     assert set(report["collectives"]) == {"all-reduce"}
+
+
+def test_training_checkpoint_gives_the_same_scores(tiny, tmp_path):
+    """--path may name an orbax training checkpoint (its save dir or one update): same params, same scores."""
+    from m11b_jax.checkpoint import Checkpointer
+    from m11b_jax.train_step import OptimConfig, state_from_params, state_shardings
+
+    mesh = make_mesh(1, jax.devices()[:1])
+    state = state_from_params(tiny["params"], OptimConfig(), state_shardings(CFG, mesh, logical_rules()))
+    saver = Checkpointer(tmp_path / "run")
+    saver.save(7, state, {"model_config": dataclasses.asdict(CFG)})
+    saver.close()
+    want = eval_lm.run_eval(tiny["data"], tiny["ckpt"], tokens_per_sample=64, context_window=48,
+                            devices=jax.devices()[:1])[1].token_logprobs
+    for path in (tmp_path / "run", tmp_path / "run" / "7"):
+        got = eval_lm.run_eval(tiny["data"], path, tokens_per_sample=64, context_window=48,
+                               devices=jax.devices()[:1])[1].token_logprobs
+        np.testing.assert_array_equal(got, want)
