@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import sys
+import textwrap
 from typing import Sequence
 
 from m11b_jax.errors import UserError, cli_main
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--criterion", default="cross_entropy", choices=("cross_entropy", "vocab_parallel_cross_entropy"),
                    help="both compute the same loss; the vocab-parallel one never gathers the logits")
 
-    g = p.add_argument_group("precision", DTYPE_HELP)
+    g = p.add_argument_group("precision", textwrap.fill(DTYPE_HELP, 100))
     for flag in ("--fp16", "--memory-efficient-fp16", "--bf16", "--memory-efficient-bf16"):
         g.add_argument(flag, action="store_true", help="bf16 compute, fp32 master params and Adam state")
 

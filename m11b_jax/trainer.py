@@ -303,6 +303,9 @@ class Trainer:
             self._header()
             if self.run_cfg.validate_at_start and self.start == 0 and self.valid_sets:
                 self._validate(0)
+            if a.max_update and self.start >= a.max_update:
+                self._note(f"| already at --max-update {a.max_update} (resumed from {self.resumed_from}): nothing to "
+                           "train; raise --max-update to continue, or use a new --save-dir to start over")
             self.interval = _Interval(t0=time.perf_counter())
             while not a.max_update or update < a.max_update:
                 self.state, metrics = self.step_fn(self.state, self.batches.next())
@@ -364,6 +367,8 @@ def _print_summary(summary: dict, a, logger: MetricsLogger) -> None:
                      f"last {last['valid_ppl']:.2f} (update {last['update']})")
     if summary["checkpoints"]:
         lines.append(f"checkpoints: {summary['save_dir']}/<update>/ (latest: update {summary['checkpoints'][-1]})")
+    elif summary["resumed_from"]:
+        lines.append(f"checkpoints: none new (latest: {summary['resumed_from']})")
     elif a.no_save:
         lines.append("checkpoints: none (--no-save)")
     lines.append(f"metrics log: {getattr(logger, 'jsonl_path', os.path.join(summary['save_dir'], 'train_log.jsonl'))}")
