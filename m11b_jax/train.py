@@ -73,7 +73,7 @@ def _str_list(kind, flag: str):
         try:
             values = [kind(v) for v in str(text).replace("[", "").replace("]", "").split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if len(values) != 1:
             raise argparse.ArgumentTypeError(
                 f"{flag} {text!r}: per-epoch lists are not supported, give one value")
