@@ -90,7 +90,8 @@ def test_token_logprobs_match_xglm_rule(tiny, mp):
     """Per token, 1e-5: mesh (1,1) on one device and (1,8) model-parallel over 8 devices."""
     devices = jax.devices()[:mp]
     summary, result = eval_lm.run_eval(tiny["data"], tiny["ckpt"], tokens_per_sample=64, context_window=48,
-                                       batch_size=4, model_parallel_size=mp, passes=4 if mp == 1 else 2, devices=devices)
+                                       batch_size=4, model_parallel_size=mp, passes=4 if mp == 1 else 2,
+                                       devices=devices)
     stream = stream_of(tiny["data"])
     ref = reference_logprobs(tiny["params"], stream, 64, 48)
     assert result.token_logprobs.shape == (300,)
