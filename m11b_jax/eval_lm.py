@@ -188,7 +188,10 @@ def make_score_step(cfg, mesh, rules, attention_chunk: int, passes: int = 1):
 
 def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rules, *, batch_size: int,
              attention_chunk: int | None = None, passes: int | None = None, eos: int = 2, log=None) -> EvalResult:
-    """Score every token of `stream` by the rule; params must already be laid out on `mesh`."""
+    """Score every token of `stream` by the rule; params must already be laid out on `mesh`.
+
+    One process (all of the mesh's devices on this host): batches are placed with jax.device_put.
+    """
     import jax
 
     from m11b_jax import sharding as S
