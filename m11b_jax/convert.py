@@ -22,11 +22,9 @@ import argparse
 import collections
 import hashlib
 import math
-import os
 import pathlib
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -41,7 +39,7 @@ from m11b_jax.fairseq_layout import (BOOKKEEPING, TIED_ALIASES, VERSION_KEY, fai
                                      rank_block, to_fairseq, to_ours)
 from m11b_jax.params_io import (ParamsReader, ParamsWriter, dictionary_path, load_model_config, load_params,
                                 numpy_dtype)
-from m11b_jax.textio import default_file_mode
+from m11b_jax.textio import atomic_directory
 
 EMBED_KEY = "decoder.embed_tokens.weight"
 
@@ -259,11 +257,8 @@ def export_fairseq(ckpt, outdir, model_parallel_size: int, dtype: str | None = N
                             "choose a model-parallel size that keeps them equal")
     shapes = dict(reader.leaves)
     bookkeeping = lambda value: numpy_to_tensor(np.array([value], dtype=out_dtype))  # noqa: E731
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
     written = []
-    try:
-        os.chmod(tmp, default_file_mode(directory=True))  # mkdtemp makes 0700
+    with atomic_directory(outdir) as tmp:
         for rank in range(mp):
             t0 = time.perf_counter()
             model = collections.OrderedDict()
@@ -289,12 +284,6 @@ def export_fairseq(ckpt, outdir, model_parallel_size: int, dtype: str | None = N
             log(f"  rank {rank}: {name} in {time.perf_counter() - t0:.1f} s")
         if dict_file is not None:
             shutil.copyfile(dict_file, tmp / "dict.txt")
-        if outdir.exists():
-            raise UserError(f"output {outdir} appeared while writing: not overwriting it")
-        tmp.rename(outdir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return written
 
 

@@ -25,7 +25,7 @@ from it, once, and caches:
   `~/.cache/m11b_jax/offline_corpus`.
 
 The build writes into a temporary folder renamed into place at the end, so a killed build
-leaves no half-made corpus (only a `.tmp-*` folder that the next build removes). A cached corpus
+leaves no half-made corpus (only a `.<key>.tmp-*` folder that a later build removes). A cached corpus
 is found by one directory check.
 """
 
@@ -39,7 +39,6 @@ import pathlib
 import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 
 import numpy as np
@@ -47,7 +46,7 @@ import numpy as np
 from .dictionary import Dictionary
 from .errors import UserError
 from .indexed_dataset import MMapIndexedDatasetBuilder, dtype_for_vocab
-from .textio import default_file_mode
+from .textio import atomic_directory
 
 VOCAB_SIZE = 1024
 FILE_STRIDE = 3
@@ -100,25 +99,15 @@ def ensure_offline_corpus(cache_dir: str | os.PathLike | None = None) -> pathlib
         return final
     cache.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(cache)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=cache))
-    try:
+    # If another process finishes the same corpus first, its copy is kept and ours dropped.
+    with atomic_directory(final, exist_ok=True) as tmp:
         _build(files, root, tmp)
-        os.chmod(tmp, default_file_mode(directory=True))  # mkdtemp makes 0700
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished the same corpus first: use theirs
-            if not (final / "manifest.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
 def _remove_stale_temps(cache: pathlib.Path, age_s: float = 3600.0) -> None:
-    """Delete `.tmp-*` folders of builds that died (older than `age_s`; a live build is seconds)."""
-    for p in cache.glob(".tmp-*"):
+    """Delete `.<key>.tmp-*` folders of builds that died (older than `age_s`; a live build is seconds)."""
+    for p in cache.glob(".*.tmp-*"):
         try:
             if time.time() - p.stat().st_mtime > age_s:
                 shutil.rmtree(p, ignore_errors=True)

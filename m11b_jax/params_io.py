@@ -16,11 +16,11 @@ Single-process writer; multi-host restore works (each process reads its own devi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -33,7 +33,7 @@ from flax import traverse_util
 
 from m11b_jax.config import DTYPES, ModelConfig
 from m11b_jax.errors import UserError
-from m11b_jax.textio import default_file_mode
+from m11b_jax.textio import atomic_directory
 
 FORMAT = "m11b_jax.params"
 FORMAT_VERSION = 1
@@ -117,11 +117,9 @@ class ParamsWriter:
         self._finished = False
 
     def __enter__(self) -> "ParamsWriter":
-        parent = self.out_dir.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+        self._commit = contextlib.ExitStack()
+        self.tmp_dir = self._commit.enter_context(atomic_directory(self.out_dir))
         try:
-            os.chmod(self.tmp_dir, default_file_mode(directory=True))  # mkdtemp makes 0700
             for path, (shape, names) in self.specs.items():
                 metadata = {
                     "shape": list(shape),
@@ -134,8 +132,8 @@ class ParamsWriter:
                 spec = {**_array_spec(self.tmp_dir / PARAMS_DIR / leaf_dir_name(path)), "metadata": metadata}
                 self._arrays[path] = ts.open(spec, create=True).result()
                 self._written[path] = 0
-        except BaseException:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        except BaseException as e:
+            self._commit.__exit__(type(e), e, e.__traceback__)  # removes the temporary directory
             raise
         return self
 
@@ -174,15 +172,14 @@ class ParamsWriter:
         return self.tmp_dir
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
+        """On success: finish, then rename the temporary directory to OUT; on any error: remove it."""
+        if exc_type is None:
+            try:
                 self.finish()
-                if self.out_dir.exists():
-                    raise UserError(f"output {self.out_dir} appeared while writing: not overwriting it")
-                os.rename(self.tmp_dir, self.out_dir)
-        finally:
-            if self.tmp_dir.exists():
-                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            except BaseException as e:
+                self._commit.__exit__(type(e), e, e.__traceback__)
+                raise
+        self._commit.__exit__(exc_type, exc, tb)
 
 
 # ---- reading -----------------------------------------------------------------------------------

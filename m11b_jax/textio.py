@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import pathlib
+import shutil
 import sys
 import tempfile
 from typing import IO, Iterator
@@ -109,6 +111,28 @@ def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, exist_ok: bool = False) -> Iterator[pathlib.Path]:
+    """Build a directory through a temporary sibling, renamed to `final` when the block succeeds.
+
+    On an exception the temporary directory is removed and `final` never exists half-made. If `final`
+    appears meanwhile (another writer), that is an error, or with `exist_ok` theirs is kept and ours dropped.
+    """
+    final = pathlib.Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        os.chmod(tmp, default_file_mode(directory=True))  # mkdtemp makes 0700
+        yield tmp
+        if final.exists() and not exist_ok:
+            raise UserError(f"output {final} appeared while writing: not overwriting it")
+        if not final.exists():
+            os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_file_mode(directory: bool = False) -> int:

@@ -90,7 +90,7 @@ def test_rebuild_is_identical(built, tmp_path):
 
 
 def test_killed_build_leaves_nothing(tmp_path, monkeypatch):
-    stale = tmp_path / ".tmp-py3.x-old"
+    stale = tmp_path / ".py3.x-old.tmp-abc123"
     stale.mkdir()
     os.utime(stale, (0, 0))  # a build that died long ago
 
