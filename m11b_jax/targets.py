@@ -19,7 +19,8 @@ TARGETS = {
 }
 
 # Dense bf16 peak FLOP/s per chip by device_kind substring (for MFU); unknown kinds give null.
-PEAK_BF16_FLOPS = {
+PEAK_BF16_FLOPS = {  # the first key found in device_kind wins: specific names before general ones
+    "H100 PCIe": 756e12,
     "H100": 989e12,
     "H200": 989e12,
     "A100": 312e12,
