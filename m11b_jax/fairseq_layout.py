@@ -2,7 +2,7 @@
 
 fairseq names (prefix `decoder.`) map to our tree paths; fairseq's nn.Linear weights are [out, in], ours [in, out].
 Layer tensors are stacked on a leading `layers` axis in our tree (one entry per fairseq `layers.{i}` key).
-`SPLIT_DIM` says along which fairseq dimension the model-parallel ranks hold contiguous blocks
+Each entry's `split_dim` says along which fairseq dimension the model-parallel ranks hold contiguous blocks
 (None: replicated on every rank), per ../shared/REFERENCE.md's shard table.
 """
 
@@ -43,7 +43,6 @@ ENTRIES: tuple[Entry, ...] = (
 
 # Keys that carry no weights (`embed_positions.weights`: a sinusoid table some old fairseq versions stored).
 BOOKKEEPING = re.compile(r"^decoder\.(version|embed_positions\._float_tensor|embed_positions\.weights)$")
-LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 VERSION_KEY = "decoder.version"
 # Newer fairseq also stores the tied output projection under its own name: the same tensor as the embedding.
 TIED_ALIASES = {"decoder.output_projection.weight": "decoder.embed_tokens.weight"}
@@ -54,16 +53,6 @@ _LAYER_ORDER = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "sel
 
 def fairseq_key(entry: Entry, layer: int | None = None) -> str:
     return f"decoder.layers.{layer}.{entry.fairseq}" if entry.per_layer else f"decoder.{entry.fairseq}"
-
-
-def entry_for_key(key: str) -> tuple[Entry, int | None] | None:
-    """(entry, layer index) for a fairseq state-dict key, or None for an unknown key."""
-    m = LAYER_KEY.match(key)
-    name, layer = (m.group(2), int(m.group(1))) if m else (key.removeprefix("decoder."), None)
-    for e in ENTRIES:
-        if e.fairseq == name and e.per_layer == (layer is not None):
-            return e, layer
-    return None
 
 
 def get_path(tree, path):
@@ -81,22 +70,6 @@ def to_fairseq_state_dict(params, num_layers: int) -> dict[str, np.ndarray]:
             a = arr[i] if e.per_layer else arr
             out[fairseq_key(e, i)] = np.ascontiguousarray(a.T if e.transpose else a)
     return out
-
-
-def from_fairseq_state_dict(state: dict, num_layers: int) -> dict:
-    """fairseq's merged state dict (numpy arrays) -> our params tree (host numpy, stacked layers)."""
-    params: dict = {}
-    for e in ENTRIES:
-        def ours(a):
-            a = np.asarray(a)
-            return a.T if e.transpose else a
-        value = (np.stack([ours(state[fairseq_key(e, i)]) for i in range(num_layers)]) if e.per_layer
-                 else ours(state[fairseq_key(e)]))
-        node = params
-        for p in e.ours[:-1]:
-            node = node.setdefault(p, {})
-        node[e.ours[-1]] = value
-    return params
 
 
 def fairseq_keys(num_layers: int) -> list[tuple[str, Entry, int | None]]:
