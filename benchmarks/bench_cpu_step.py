@@ -1,7 +1,7 @@
 """CPU train-step time, ours vs a PyTorch implementation of the same model and batch, in the same run.
 
 PyTorch side: transformers' XGLMForCausalLM (the same function as fairseq's transformer_lm: see
-tests/test_model.py) + torch.optim.AdamW-free plain Adam, fp32, eager. Our side: the jitted train step
+tests/test_model.py) + torch.optim.Adam, fp32, eager. Our side: the jitted train step
 (forward, backward, fairseq Adam update; fp32) on one CPU device, layers unrolled and remat off (the choices
 that suit small CPU runs). Prints seconds per step for both and the ratio ours/theirs (goal <= 1.0).
 
