@@ -146,7 +146,7 @@ class DecoderLayer(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """Decoder-only LM. `__call__(tokens) -> logits [batch, length, vocab]` (fp32 when params are fp32)."""
+    """Decoder-only LM. `__call__(tokens) -> logits [batch, length, vocab]` in the compute dtype."""
 
     cfg: ModelConfig
 
@@ -201,8 +201,7 @@ class TransformerLM(nn.Module):
         """Tied output projection: hidden @ E^T, vocab-parallel (each model shard makes its vocab slice)."""
         cdt = parse_dtype_flag(self.cfg.compute_dtype)
         hidden = nn.with_logical_constraint(hidden.astype(cdt), (BATCH, SEQ, EMBED))
-        out = jnp.einsum("btd,vd->btv", hidden, self.embed_tokens.astype(cdt),
-                         preferred_element_type=jnp.float32 if cdt == jnp.float32 else cdt)
+        out = jnp.einsum("btd,vd->btv", hidden, self.embed_tokens.astype(cdt))
         return nn.with_logical_constraint(out, (BATCH, SEQ, VOCAB))
 
     def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
