@@ -256,19 +256,15 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
 def load_split(data_bin: str | os.PathLike, split: str):
     """(dictionary, token stream) of DATA_BIN/{split}.bin/.idx, with one-line errors for what is missing."""
     from m11b_jax.dictionary import Dictionary
-    from m11b_jax.indexed_dataset import MMapIndexedDataset
+    from m11b_jax.indexed_dataset import MMapIndexedDataset, split_prefix
 
     data_bin = pathlib.Path(data_bin)
     if not data_bin.is_dir():
         raise UserError(f"data-bin {data_bin} is not a directory: binarize text with python -m m11b_jax.preprocess")
-    if not (data_bin / f"{split}.idx").is_file() or not (data_bin / f"{split}.bin").is_file():
-        have = sorted(p.stem for p in data_bin.glob("*.idx") if p.with_suffix(".bin").is_file())
-        raise UserError(
-            f"split {split!r} not found in {data_bin} (it has: {', '.join(have) or 'no splits'}): pass "
-            f"--gen-subset with one of those, or binarize it (python -m m11b_jax.preprocess --only-source "
-            f"--testpref TEXT --srcdict dict.txt --destdir {data_bin})")
+    prefix = split_prefix(data_bin, split, "pass --gen-subset with one of those, or binarize it (python -m "
+                          f"m11b_jax.preprocess --only-source --testpref TEXT --srcdict dict.txt --destdir {data_bin})")
     dictionary = Dictionary.load(data_bin / "dict.txt")
-    return dictionary, MMapIndexedDataset(data_bin / split).tokens()
+    return dictionary, MMapIndexedDataset(prefix).tokens()
 
 
 def check_dictionary(dictionary, stream: np.ndarray, cfg, ckpt_dict_path, data_bin) -> None:
@@ -524,11 +520,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         import jax
 
         from m11b_jax.config import load_config
-        from m11b_jax.runtime import backends_initialized
+        from m11b_jax.runtime import backends_initialized, configure_cpu_devices
 
         # Simulated CPU devices for the mesh when JAX has not started yet (a GPU/TPU backend is unaffected).
-        if not backends_initialized() and jax.config.jax_num_cpu_devices < args.model_parallel_size:
-            jax.config.update("jax_num_cpu_devices", args.model_parallel_size)
+        if not backends_initialized():
+            configure_cpu_devices(max(jax.config.jax_num_cpu_devices, args.model_parallel_size))
 
         from m11b_jax import sharding as S
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import struct
 import tempfile
 
@@ -259,3 +260,15 @@ class MMapIndexedDataset:
     def tokens(self) -> np.ndarray:
         """All tokens as one 1-D memory-mapped array (nothing is read until it is indexed)."""
         return self._tokens
+
+
+def split_prefix(data_dir: str | os.PathLike, split: str, fix: str) -> pathlib.Path:
+    """`DATA_DIR/SPLIT`, the prefix of a binarized split; a missing split is a one-line error that lists the
+    splits the folder does hold and ends with `fix`."""
+    data_dir = pathlib.Path(data_dir)
+    prefix = data_dir / split
+    if not (data_dir / f"{split}.idx").is_file() or not (data_dir / f"{split}.bin").is_file():
+        have = sorted(p.stem for p in data_dir.glob("*.idx") if p.with_suffix(".bin").is_file())
+        raise UserError(f"split {split!r} not found in {data_dir} (no {split}.bin/{split}.idx; it has: "
+                        f"{', '.join(have) or 'no splits'}): {fix}")
+    return prefix

@@ -25,7 +25,7 @@ from m11b_jax import sharding as S
 from m11b_jax.blocks import BlockBatcher, TokenBlocks, iter_batches
 from m11b_jax.dictionary import Dictionary
 from m11b_jax.errors import UserError
-from m11b_jax.indexed_dataset import MMapIndexedDataset
+from m11b_jax.indexed_dataset import MMapIndexedDataset, split_prefix
 
 
 def load_dictionary(data_path: str | os.PathLike, vocab_size: int) -> Dictionary:
@@ -46,11 +46,7 @@ def load_dictionary(data_path: str | os.PathLike, vocab_size: int) -> Dictionary
 
 
 def load_split(data_path: str | os.PathLike, split: str, tokens_per_sample: int, flag: str) -> TokenBlocks:
-    prefix = pathlib.Path(data_path) / split
-    if not (prefix.with_suffix(".idx").is_file() and prefix.with_suffix(".bin").is_file()):
-        have = sorted(p.stem for p in pathlib.Path(data_path).glob("*.idx"))
-        raise UserError(f"split {split!r} not found in {data_path} (no {split}.bin/{split}.idx; it has "
-                        f"{', '.join(have) or 'no splits'}): binarize it or pass another {flag}")
+    prefix = split_prefix(data_path, split, f"binarize it or pass another {flag}")
     return TokenBlocks.from_dataset(MMapIndexedDataset(prefix), tokens_per_sample)
 
 

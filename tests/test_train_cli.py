@@ -128,7 +128,7 @@ def test_bad_data_and_devices_are_one_clear_error(tmp_path):
     save = tmp_path / "save"
     with pytest.raises(UserError, match=r"DATA_PATH .*missing is not a directory: pass a fairseq data-bin"):
         run(_tiny(tmp_path / "missing", save))
-    with pytest.raises(UserError, match=r"split 'test' not found in .* \(no test.bin/test.idx; it has train, valid\)"):
+    with pytest.raises(UserError, match=r"split 'test' not found in .* \(no test.bin/test.idx; it has: train, valid\)"):
         run(_tiny(data, save, "--valid-subset", "test"))
     big = make_databin(tmp_path / "big", n_symbols=1100, n_lines=20, valid_lines=5)
     with pytest.raises(UserError, match=r"has 1104 symbols .* the model's vocabulary is 1024: use an --arch with "
