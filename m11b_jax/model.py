@@ -47,6 +47,12 @@ def sinusoidal_embedding(positions: jax.Array, dim: int, pad_idx: int) -> jax.Ar
     return jnp.where((positions == pad_idx)[..., None], 0.0, emb)
 
 
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """x * Phi(x) written with erf, as PyTorch's GELU computes it (jax.nn.gelu uses erfc, which XLA:CPU
+    expands into a slow exp/select chain)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 def _dense(features, axes, cfg: ModelConfig, name: str, init=nn.initializers.xavier_uniform()):
     return nn.Dense(
         features,
@@ -56,6 +62,16 @@ def _dense(features, axes, cfg: ModelConfig, name: str, init=nn.initializers.xav
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
         name=name,
     )
+
+
+def _project(x: jax.Array, features: int, axes, cfg: ModelConfig, name: str) -> jax.Array:
+    """`_dense` applied to x [..., d_in] as one 2-D matmul on [prod(...), d_in]. Same function and parameters;
+    the reason is the weight gradient: for a 3-D input, JAX's transpose rule contracts two leading axes, and
+    XLA:CPU answers that with a transposed copy of the output gradient plus a slow generic dot (2-3x the time
+    of the three 2-D matmuls). On a 2-D input every product is a plain GEMM on every backend."""
+    lead = x.shape[:-1]
+    y = _dense(features, axes, cfg, name)(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*lead, features)
 
 
 def _layer_norm(cfg: ModelConfig, name: str):
@@ -99,9 +115,9 @@ class SelfAttention(nn.Module):
         def heads(y):
             return nn.with_logical_constraint(y.reshape(b, t, h, hd), (BATCH, SEQ, HEADS, KV))
 
-        q = heads(_dense(d, ("embed", "heads"), cfg, "q_proj")(x) * (hd ** -0.5))  # scaled after its bias
-        k = heads(_dense(d, ("embed", "heads"), cfg, "k_proj")(x))
-        v = heads(_dense(d, ("embed", "heads"), cfg, "v_proj")(x))
+        q = heads(_project(x, d, ("embed", "heads"), cfg, "q_proj") * (hd ** -0.5))  # scaled after its bias
+        k = heads(_project(x, d, ("embed", "heads"), cfg, "k_proj"))
+        v = heads(_project(x, d, ("embed", "heads"), cfg, "v_proj"))
 
         # Like fairseq in mixed precision: scores in the compute dtype, the softmax in fp32, probs cast back.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
@@ -114,7 +130,7 @@ class SelfAttention(nn.Module):
             probs = _dropout_16bit(probs, cfg.attention_dropout, self.make_rng("dropout"))
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV)).reshape(b, t, d)
-        return _dense(d, ("heads", "embed"), cfg, "out_proj")(out)
+        return _project(out, d, ("heads", "embed"), cfg, "out_proj")
 
 
 class DecoderLayer(nn.Module):
@@ -135,11 +151,11 @@ class DecoderLayer(nn.Module):
         x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
 
         h = _layer_norm(cfg, "final_layer_norm")(x).astype(cdt)
-        h = _dense(cfg.ffn_dim, ("embed", "mlp"), cfg, "fc1")(h)
+        h = _project(h, cfg.ffn_dim, ("embed", "mlp"), cfg, "fc1")
         h = nn.with_logical_constraint(h, (BATCH, SEQ, MLP))
-        h = jax.nn.gelu(h.astype(jnp.float32), approximate=False).astype(cdt)  # exact erf GELU in fp32
+        h = gelu_erf(h.astype(jnp.float32)).astype(cdt)  # exact erf GELU in fp32
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
-        h = _dense(cfg.d_model, ("mlp", "embed"), cfg, "fc2")(h)
+        h = _project(h, cfg.d_model, ("mlp", "embed"), cfg, "fc2")
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
         return x, None
@@ -201,8 +217,10 @@ class TransformerLM(nn.Module):
         """Tied output projection: hidden @ E^T, vocab-parallel (each model shard makes its vocab slice)."""
         cdt = parse_dtype_flag(self.cfg.compute_dtype)
         hidden = nn.with_logical_constraint(hidden.astype(cdt), (BATCH, SEQ, EMBED))
-        out = jnp.einsum("btd,vd->btv", hidden, self.embed_tokens.astype(cdt))
-        return nn.with_logical_constraint(out, (BATCH, SEQ, VOCAB))
+        b, t, d = hidden.shape
+        # One 2-D matmul (see `_project` for why not a 3-D einsum).
+        out = jnp.einsum("nd,vd->nv", hidden.reshape(b * t, d), self.embed_tokens.astype(cdt))
+        return nn.with_logical_constraint(out.reshape(b, t, -1), (BATCH, SEQ, VOCAB))
 
     def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.logits(self.hidden_states(tokens, deterministic))
