@@ -16,16 +16,14 @@ import os
 import statistics
 import time
 
-# XLA CPU settings that suit small models (set before JAX starts): oneDNN matmuls, no YNN fusions.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=")
+import jax
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from m11b_jax import sharding as S  # noqa: E402
-from m11b_jax.config import ModelConfig  # noqa: E402
-from m11b_jax.train_step import OptimConfig, init_train_state, make_train_step  # noqa: E402
+from m11b_jax import runtime
+from m11b_jax import sharding as S
+from m11b_jax.config import ModelConfig
+from m11b_jax.train_step import OptimConfig, init_train_state, make_train_step
 
 CONFIGS = {
     "a": dict(vocab_size=51200, d_model=256, ffn_dim=1536, num_layers=4, num_heads=8),
@@ -90,8 +88,13 @@ def main():
     ap.add_argument("--configs", default="a,b")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="keep glibc's default allocator settings (see m11b_jax.runtime.retain_host_memory)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    # Process-wide, so the PyTorch side runs with the same allocator settings as ours.
+    retained = False if args.system_malloc else runtime.retain_host_memory()
+    print(json.dumps({"retain_host_memory": retained, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}), flush=True)
     rows = []
     for name in args.configs.split(","):
         cfg = ModelConfig(name=name, max_positions=SEQ, dropout=0.0, attention_dropout=0.0, remat_policy="none",

@@ -25,6 +25,7 @@ import time
 import jax
 
 from m11b_jax import checkpoint as ckpt
+from m11b_jax import runtime
 from m11b_jax import sharding as S
 from m11b_jax import train_data as D
 from m11b_jax.config import analytic_train_flops
@@ -119,6 +120,8 @@ class Trainer:
         self.save_dir = ckpt.check_writable(a.save_dir).absolute()
 
         self.mesh = S.make_mesh(run.model_parallel_size)
+        if jax.default_backend() == "cpu":
+            runtime.retain_host_memory()  # reuse each step's host buffers instead of page-faulting them in again
         self.rules = S.logical_rules(sequence_parallel=run.sequence_parallel)
         self.batches = D.TrainBatches(self.train_blocks, self.mesh, run.batch_size, run.update_freq, seed=a.seed,
                                       prefetch=a.num_workers)
