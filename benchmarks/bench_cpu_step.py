@@ -98,6 +98,7 @@ def main():
     rows = []
     for name in args.configs.split(","):
         cfg = ModelConfig(name=name, max_positions=SEQ, dropout=0.0, attention_dropout=0.0, remat_policy="none",
+                          attention_impl="manual",
                           scan_layers=False, **CONFIGS[name])
         tokens = np.random.default_rng(0).integers(4, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
         t_ours = ours(cfg, tokens, args.warmup, args.steps)

@@ -16,6 +16,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("autodiff", "manual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,10 @@ class ModelConfig:
     remat_policy: str = "full"
     # Layers under nn.scan (one compiled layer body) or unrolled (faster for tiny CPU models).
     scan_layers: bool = True
+    # Attention core: "autodiff" (einsums, JAX derives the backward; the default, measured on GPUs and under
+    # every remat policy) or "manual" (m11b_jax.attention: hand-written backward in plain-GEMM layouts, for
+    # CPU runs without remat). The same function either way.
+    attention_impl: str = "autodiff"
 
     @property
     def head_dim(self) -> int:
@@ -80,6 +85,8 @@ class ModelConfig:
                 "lower --tokens-per-sample or use a config with more positions")
         if self.remat_policy not in REMAT_POLICIES:
             raise UserError(f"unknown remat policy {self.remat_policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise UserError(f"unknown attention_impl {self.attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
         for field in ("param_dtype", "compute_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise UserError(f"{field}={getattr(self, field)!r} is not one of {', '.join(DTYPES)}")

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m11b_jax.attention import causal_attention
 from m11b_jax.config import ModelConfig, parse_dtype_flag
 
 # Logical names of activations. The sharding table decides what each maps to.
@@ -86,19 +87,23 @@ def _layer_norm(cfg: ModelConfig, name: str):
     )
 
 
-def _dropout_16bit(x, rate: float, key):
-    """Dropout drawing 16 random bits per element instead of 32: the [batch, heads, len, len] attention mask
-    is the largest random tensor of a step, and its generator's temporaries cost ~0.7 GiB per device at the
-    release size. The drop probability is rate rounded to a multiple of 2^-16 (0.1 -> 0.100006), and
-    kept values are scaled by 1/(1 - that probability), so the layer stays unbiased."""
+def _keep_mask_16bit(shape, rate: float, key):
+    """Dropout's keep mask drawing 16 random bits per element instead of 32: the [batch, heads, len, len]
+    attention mask is the largest random tensor of a step, and its generator's temporaries cost ~0.7 GiB per
+    device at the release size. The drop probability is rate rounded to a multiple of 2^-16 (0.1 -> 0.100006);
+    returns (keep, 1 / (1 - that probability)), the scale that keeps the layer unbiased."""
     threshold = round(rate * 65536)
-    if x.shape[-1] % 2 == 0:  # two 16-bit draws from each 32-bit word of the generator
-        words = jax.random.bits(key, (*x.shape[:-1], x.shape[-1] // 2), jnp.uint32)
-        bits = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(x.shape)
+    if shape[-1] % 2 == 0:  # two 16-bit draws from each 32-bit word of the generator
+        words = jax.random.bits(key, (*shape[:-1], shape[-1] // 2), jnp.uint32)
+        bits = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(shape)
     else:
-        bits = jax.random.bits(key, x.shape, jnp.uint16)
-    keep = bits >= threshold
-    return jnp.where(keep, x / (1.0 - threshold / 65536), 0.0).astype(x.dtype)
+        bits = jax.random.bits(key, shape, jnp.uint16)
+    return bits >= threshold, 1.0 / (1.0 - threshold / 65536)
+
+
+def _dropout_16bit(x, rate: float, key):
+    keep, scale = _keep_mask_16bit(x.shape, rate, key)
+    return jnp.where(keep, x * scale, 0.0).astype(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -119,6 +124,17 @@ class SelfAttention(nn.Module):
         k = heads(_project(x, d, ("embed", "heads"), cfg, "k_proj"))
         v = heads(_project(x, d, ("embed", "heads"), cfg, "v_proj"))
 
+        dropout = not deterministic and cfg.attention_dropout > 0
+        if cfg.attention_impl == "manual":
+            keep, keep_scale = None, 1.0
+            if dropout:
+                keep, keep_scale = _keep_mask_16bit((b, h, t, t), cfg.attention_dropout, self.make_rng("dropout"))
+            heads_major = lambda y: y.transpose(0, 2, 1, 3)  # noqa: E731  [b, t, h, hd] <-> [b, h, t, hd]
+            out = heads_major(causal_attention(heads_major(q), heads_major(k), heads_major(v), key_mask, keep,
+                                               keep_scale))
+            out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV)).reshape(b, t, d)
+            return _project(out, d, ("heads", "embed"), cfg, "out_proj")
+
         # Like fairseq in mixed precision: scores in the compute dtype, the softmax in fp32, probs cast back.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
         causal = jnp.tril(jnp.ones((t, t), dtype=bool))
@@ -126,7 +142,7 @@ class SelfAttention(nn.Module):
         # A finite minimum (not -inf) keeps fully masked rows (pad queries) finite.
         scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        if not deterministic and cfg.attention_dropout > 0:
+        if dropout:
             probs = _dropout_16bit(probs, cfg.attention_dropout, self.make_rng("dropout"))
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV)).reshape(b, t, d)

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"tied, so {MEGATRON_ARCH} requires this flag")
     g.add_argument("--remat-policy", choices=("none", "full", "save_dots", "save_dots_no_batch"),
                    help="what each layer keeps for the backward pass (default: the arch's; full recomputes the layer)")
+    g.add_argument("--attention-impl", choices=("autodiff", "manual"),
+                   help="attention core: autodiff (default) or manual, a hand-written backward that is faster on "
+                        "CPUs (use with --remat-policy none; same function)")
 
     g = p.add_argument_group("task and data")
     g.add_argument("--task", default="language_modeling", choices=("language_modeling",))
@@ -288,7 +291,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     mixed = [f for f in ("fp16", "memory_efficient_fp16", "bf16", "memory_efficient_bf16") if getattr(args, f)]
     dtype_policy = ("bf16 compute, fp32 params+Adam (--" + mixed[0].replace("_", "-") + ")") if mixed else "fp32"
     overrides = dict(dropout=args.dropout, attention_dropout=args.attention_dropout, remat_policy=args.remat_policy,
-                     compute_dtype="bfloat16" if mixed else None)
+                     attention_impl=args.attention_impl, compute_dtype="bfloat16" if mixed else None)
     model = load_config(args.arch, **overrides)
     tokens = args.tokens_per_sample if args.tokens_per_sample is not None else min(1024, model.max_positions)
     if tokens < 1:

@@ -48,10 +48,11 @@ def test_positions_and_sinusoids_follow_fairseq():
     np.testing.assert_allclose(emb[0, 2], np.concatenate([np.sin(2 * f), np.cos(2 * f)]), atol=1e-6)
 
 
-def test_logits_match_xglm_with_right_left_padding_and_eos():
+@pytest.mark.parametrize("attention_impl", ["autodiff", "manual"])
+def test_logits_match_xglm_with_right_left_padding_and_eos(attention_impl):
     params = random_params(CFG)
     tok = batch_with_padding(CFG)
-    ours = np.asarray(TransformerLM(CFG).apply({"params": params}, jnp.asarray(tok)))
+    ours = np.asarray(TransformerLM(CFG.replace(attention_impl=attention_impl)).apply({"params": params}, jnp.asarray(tok)))
     ref = xglm_logits(xglm_from_params(params, CFG), tok)
     real = tok != PAD  # outputs at pad positions are unused (fairseq yields NaN rows there)
     assert np.isfinite(ours).all()
@@ -65,12 +66,14 @@ def _mean_nll(logits, targets):
     return jnp.where(mask, nll, 0.0).sum() / mask.sum()
 
 
-def test_gradients_match_xglm():
+@pytest.mark.parametrize("attention_impl", ["autodiff", "manual"])
+def test_gradients_match_xglm(attention_impl):
     params = random_params(CFG, seed=3)
     tok = batch_with_padding(CFG, seed=4)
     src, tgt = tok[:, :-1], tok[:, 1:]
     tgt = np.where(src == PAD, PAD, tgt)
-    grads = jax.grad(lambda p: _mean_nll(TransformerLM(CFG).apply({"params": p}, jnp.asarray(src)), tgt))(params)
+    model = TransformerLM(CFG.replace(attention_impl=attention_impl))
+    grads = jax.grad(lambda p: _mean_nll(model.apply({"params": p}, jnp.asarray(src)), tgt))(params)
     ours = to_fairseq_state_dict(jax.device_get(grads), CFG.num_layers)
 
     model = xglm_from_params(params, CFG)
