@@ -142,3 +142,14 @@ def test_bad_data_and_devices_are_one_clear_error(tmp_path):
     argv[argv.index("--arch") + 1] = str(arch)
     with pytest.raises(UserError, match=r"--model-parallel-size 6 does not divide the 8 available devices"):
         run(argv)
+
+
+def test_retain_host_memory_applies_on_glibc_and_can_be_opted_out(monkeypatch):
+    """The CPU allocator setting the trainer applies (see runtime.retain_host_memory): glibc's mallopt accepts it
+    here (Linux + glibc), and M11B_RETAIN_HOST_MEMORY=0 leaves the allocator alone."""
+    from m11b_jax import runtime
+
+    monkeypatch.setenv("M11B_RETAIN_HOST_MEMORY", "0")
+    assert runtime.retain_host_memory() is False
+    monkeypatch.delenv("M11B_RETAIN_HOST_MEMORY")
+    assert runtime.retain_host_memory() is True
