@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from m11b_jax.config import ModelConfig, parse_dtype_flag
-from m11b_jax.model import BATCH, EMBED, HEADS, KV, LENGTH, MLP, SEQ, VOCAB, fairseq_positions, sinusoidal_embedding
+from m11b_jax.model import (BATCH, EMBED, HEADS, KV, LENGTH, MLP, SEQ, VOCAB, fairseq_positions, gelu_erf,
+                            sinusoidal_embedding)
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, as in model.py: a fully masked row stays finite
 
@@ -101,7 +102,7 @@ def _layer(p, x, key_mask, cfg: ModelConfig, attention_chunk: int, query_index=N
 
     y = _layer_norm(xq, p["final_layer_norm"], cfg.layernorm_eps).astype(cdt)
     y = nn.with_logical_constraint(_dense(y, p["fc1"], cdt), (BATCH, SEQ, MLP))
-    y = jax.nn.gelu(y.astype(jnp.float32), approximate=False).astype(cdt)
+    y = gelu_erf(y.astype(jnp.float32)).astype(cdt)
     return nn.with_logical_constraint(xq + _dense(y, p["fc2"], cdt).astype(xq.dtype), residual)
 
 
