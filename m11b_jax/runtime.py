@@ -8,6 +8,8 @@ Everything here must run before the first JAX computation (the backends read the
   an explicit coordinator (flags or `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`), or a
   launcher JAX knows how to read (SLURM `srun`, Open MPI `mpirun`, Cloud TPU pod slices: JAX's own cluster
   auto-detection fills in the coordinator, process count and index).
+
+And, at any time: `retain_host_memory()`, the glibc allocator setting that CPU training and evaluation apply.
 """
 
 from __future__ import annotations
