@@ -53,8 +53,9 @@ def _blocks(t: int, query_block: int):
     return [(i, i + size) for i in range(0, t, size)]
 
 
-def _allowed(key_mask, q0: int, q1: int):
-    """[b, 1, q1 - q0, q1] bool for queries q0..q1-1 and keys 0..q1-1: causal and not a pad key."""
+def causal_allowed(key_mask, q0: int, q1: int):
+    """[b, 1, q1 - q0, q1] bool for queries q0..q1-1 and keys 0..q1-1: causal and not a pad key. The one mask of
+    every attention path (model.py's autodiff path with (0, t), this module's blocks, scoring.py's chunks)."""
     causal = jnp.arange(q0, q1)[:, None] >= jnp.arange(q1)[None, :]
     return causal[None, None] & key_mask[:, None, None, :q1]
 
@@ -62,7 +63,7 @@ def _allowed(key_mask, q0: int, q1: int):
 def _forward(q, k, v, key_mask, keep, keep_scale, query_block):
     outs, saved = [], []
     for q0, q1 in _blocks(q.shape[2], query_block):
-        allowed = _allowed(key_mask, q0, q1)
+        allowed = causal_allowed(key_mask, q0, q1)
         s = jnp.where(allowed, _qk(q[:, :, q0:q1], k[:, :, :q1]).astype(jnp.float32), _NEG)
         e = jnp.where(allowed, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
         # A row's largest term is exp(0) = 1, so its sum is >= 1 unless it sees no key at all (a pad query in

@@ -498,10 +498,9 @@ def run_eval(data_bin, path, *, split: str = "test", tokens_per_sample: int = RE
     dictionary, stream = load_split(data_bin, split)
     windows = ContextWindows(int(stream.size), tokens_per_sample, context_window)
     mesh = S.make_mesh(model_parallel_size, devices)
-    if mesh.devices.flat[0].platform == "cpu":
-        from m11b_jax.runtime import retain_host_memory
+    from m11b_jax.runtime import retain_host_memory_on_cpu
 
-        retain_host_memory()
+    retain_host_memory_on_cpu(mesh)
     rules = S.logical_rules()
     cfg, params, ckpt_dict = load_checkpoint(path, mesh, rules, dtype)
     cfg.validate(model_parallel_size, tokens_per_sample=tokens_per_sample)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m11b_jax.attention import causal_attention
+from m11b_jax.attention import causal_allowed, causal_attention
 from m11b_jax.config import ModelConfig, parse_dtype_flag
 
 # Logical names of activations. The sharding table decides what each maps to.
@@ -166,8 +166,7 @@ class SelfAttention(nn.Module):
 
         # Like fairseq in mixed precision: scores in the compute dtype, the softmax in fp32, probs cast back.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-        allowed = causal[None, None] & key_mask[:, None, None, :]
+        allowed = causal_allowed(key_mask, 0, t)
         # A finite minimum (not -inf) keeps fully masked rows (pad queries) finite.
         scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)

@@ -9,7 +9,8 @@ Everything here must run before the first JAX computation (the backends read the
   launcher JAX knows how to read (SLURM `srun`, Open MPI `mpirun`, Cloud TPU pod slices: JAX's own cluster
   auto-detection fills in the coordinator, process count and index).
 
-And, at any time: `retain_host_memory()`, the glibc allocator setting that CPU training and evaluation apply.
+And, at any time: `retain_host_memory()`, the glibc allocator setting that CPU training and evaluation apply
+(`retain_host_memory_on_cpu(mesh)`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def retain_host_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's <malloc.h> constants
     return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def retain_host_memory_on_cpu(mesh) -> bool:
+    """`retain_host_memory()` when `mesh` is made of CPU devices (training and evaluation call this)."""
+    return mesh.devices.flat[0].platform == "cpu" and retain_host_memory()
 
 
 def _env_int(name: str) -> int | None:

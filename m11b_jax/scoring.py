@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m11b_jax.attention import causal_allowed
 from m11b_jax.config import ModelConfig, parse_dtype_flag
 from m11b_jax.model import (BATCH, EMBED, HEADS, KV, LENGTH, MLP, SEQ, VOCAB, fairseq_positions, gelu_erf,
                             sinusoidal_embedding)
@@ -79,21 +80,19 @@ def _layer(p, x, key_mask, cfg: ModelConfig, attention_chunk: int, query_index=N
     a = p["self_attn"]
     y = _layer_norm(x, p["self_attn_layer_norm"], cfg.layernorm_eps).astype(cdt)
     k, v = heads(_dense(y, a["k_proj"], cdt)), heads(_dense(y, a["v_proj"], cdt))
-    key_pos = jnp.arange(t)
     if query_index is None:  # every position, in causal chunks
         q = heads(_dense(y, a["q_proj"], cdt) * (hd ** -0.5))
         chunks = []
         for c0 in range(0, t, attention_chunk):
             c1 = min(c0 + attention_chunk, t)
-            allowed = (key_pos[None, :c1] <= jnp.arange(c0, c1)[:, None])[None, None] & key_mask[:, None, None, :c1]
-            chunks.append(_attend(q[:, :, c0:c1], k[:, :, :c1], v[:, :, :c1], allowed))
+            chunks.append(_attend(q[:, :, c0:c1], k[:, :, :c1], v[:, :, :c1], causal_allowed(key_mask, c0, c1)))
         out = jnp.concatenate(chunks, axis=2) if len(chunks) > 1 else chunks[0]
         xq = x
     else:  # only the rows in query_index (their keys: every position up to them)
         take = lambda z: jnp.take_along_axis(z, query_index[..., None], axis=1)  # noqa: E731
         xq = take(x)
         q = heads(_dense(take(y), a["q_proj"], cdt) * (hd ** -0.5))
-        allowed = (key_pos[None, None, :] <= query_index[:, :, None])[:, None] & key_mask[:, None, None, :]
+        allowed = (jnp.arange(t)[None, None, :] <= query_index[:, :, None])[:, None] & key_mask[:, None, None, :]
         out = _attend(q, k, v, allowed)
     n = xq.shape[1]
     out = nn.with_logical_constraint(out, (BATCH, HEADS, SEQ, KV)).transpose(0, 2, 1, 3).reshape(b, n, d)

@@ -120,8 +120,7 @@ class Trainer:
         self.save_dir = ckpt.check_writable(a.save_dir).absolute()
 
         self.mesh = S.make_mesh(run.model_parallel_size)
-        if jax.default_backend() == "cpu":
-            runtime.retain_host_memory()  # reuse each step's host buffers instead of page-faulting them in again
+        runtime.retain_host_memory_on_cpu(self.mesh)  # reuse each step's host buffers, not page-fault them in again
         self.rules = S.logical_rules(sequence_parallel=run.sequence_parallel)
         self.batches = D.TrainBatches(self.train_blocks, self.mesh, run.batch_size, run.update_freq, seed=a.seed,
                                       prefetch=a.num_workers)

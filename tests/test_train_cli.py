@@ -153,3 +153,8 @@ def test_retain_host_memory_applies_on_glibc_and_can_be_opted_out(monkeypatch):
     assert runtime.retain_host_memory() is False
     monkeypatch.delenv("M11B_RETAIN_HOST_MEMORY")
     assert runtime.retain_host_memory() is True
+    import jax
+
+    from m11b_jax import sharding as S
+
+    assert runtime.retain_host_memory_on_cpu(S.make_mesh(1, jax.devices()[:1])) is True  # the CPU test devices
