@@ -2,10 +2,11 @@
 
 PyTorch side: transformers' XGLMForCausalLM (the same function as fairseq's transformer_lm: see
 tests/test_model.py) + torch.optim.Adam, fp32, eager. Our side: the jitted train step
-(forward, backward, fairseq Adam update; fp32) on one CPU device, layers unrolled, remat off and the manual
-attention backward (the choices that suit small CPU runs), with freed host memory kept by the allocator for both
-sides (m11b_jax.runtime.retain_host_memory). Prints seconds per step for both and the ratio ours/theirs
-(goal <= 1.0).
+(forward, backward, fairseq Adam update; fp32) on one CPU device, layers unrolled, remat off, the manual
+attention backward and the fused output loss (the choices that suit small CPU runs), with freed host memory kept by the allocator for both
+sides (m11b_jax.runtime.retain_host_memory). The two sides take turns in three blocks of
+steps (ours, theirs, ours, ...: see time_interleaved); prints the median seconds per step for both and the ratio
+ours/theirs (goal <= 1.0).
 
     python benchmarks/bench_cpu_step.py            # configs (a) vocab 51200 and (b) vocab 1024
 """
@@ -34,18 +35,27 @@ CONFIGS = {
 BATCH, SEQ = 8, 256
 
 
-def time_steps(fn, warmup: int, steps: int) -> float:
+def time_interleaved(fns: dict, warmup: int, steps: int, rounds: int = 3) -> dict:
+    """Median seconds per call of each function. The sides take turns in `rounds` blocks (A: 1 untimed call, then
+    steps/rounds timed; B: the same; A again ...), so slow drifts in the machine's speed (other tenants) hit both
+    sides alike while each timed call still follows a call of its own side, as in training."""
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    per_round = max(1, -(-steps // rounds))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def ours(cfg: ModelConfig, tokens: np.ndarray, warmup: int, steps: int) -> float:
+def ours(cfg: ModelConfig, tokens: np.ndarray):
+    """A zero-argument function running one train step (and waiting for it)."""
     mesh = S.make_mesh(1, jax.devices()[:1])
     rules = S.logical_rules()
     ocfg = OptimConfig(lr=1e-4, warmup_updates=10, weight_decay=0.01)
@@ -58,10 +68,10 @@ def ours(cfg: ModelConfig, tokens: np.ndarray, warmup: int, steps: int) -> float
         holder["state"], metrics = step(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    return time_steps(run, warmup, steps)
+    return run
 
 
-def theirs(cfg: ModelConfig, tokens: np.ndarray, warmup: int, steps: int) -> float:
+def theirs(cfg: ModelConfig, tokens: np.ndarray):
     from transformers import XGLMConfig, XGLMForCausalLM
 
     torch.manual_seed(0)
@@ -82,7 +92,7 @@ def theirs(cfg: ModelConfig, tokens: np.ndarray, warmup: int, steps: int) -> flo
         loss.backward()
         opt.step()
 
-    return time_steps(run, warmup, steps)
+    return run
 
 
 def main():
@@ -92,21 +102,23 @@ def main():
     ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--attention-impl", default="manual", choices=("manual", "autodiff"),
                     help="our attention core (default: manual, the CPU-suited one; see m11b_jax/attention.py)")
+    ap.add_argument("--loss-impl", default="fused", choices=("fused", "logits"),
+                    help="our output projection + loss (default: fused; see m11b_jax.loss.output_cross_entropy)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="keep glibc's default allocator settings (see m11b_jax.runtime.retain_host_memory)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     # Process-wide, so the PyTorch side runs with the same allocator settings as ours.
     retained = False if args.system_malloc else runtime.retain_host_memory()
-    print(json.dumps({"retain_host_memory": retained, "attention_impl": args.attention_impl,
+    print(json.dumps({"retain_host_memory": retained, "attention_impl": args.attention_impl, "loss_impl": args.loss_impl,
                       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "load_avg": os.getloadavg()[0]}), flush=True)
     rows = []
     for name in args.configs.split(","):
         cfg = ModelConfig(name=name, max_positions=SEQ, dropout=0.0, attention_dropout=0.0, remat_policy="none",
-                          attention_impl=args.attention_impl, scan_layers=False, **CONFIGS[name])
+                          attention_impl=args.attention_impl, loss_impl=args.loss_impl, scan_layers=False, **CONFIGS[name])
         tokens = np.random.default_rng(0).integers(4, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
-        t_ours = ours(cfg, tokens, args.warmup, args.steps)
-        t_theirs = theirs(cfg, tokens, args.warmup, args.steps)
+        t = time_interleaved({"ours": ours(cfg, tokens), "theirs": theirs(cfg, tokens)}, args.warmup, args.steps)
+        t_ours, t_theirs = t["ours"], t["theirs"]
         rows.append({"config": name, **CONFIGS[name], "tokens": BATCH * SEQ, "ours_s": round(t_ours, 4),
                      "pytorch_s": round(t_theirs, 4), "ratio_ours_over_pytorch": round(t_ours / t_theirs, 3)})
         print(json.dumps(rows[-1]), flush=True)

@@ -17,6 +17,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("autodiff", "manual")
+LOSS_IMPLS = ("logits", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,11 @@ class ModelConfig:
     # every remat policy) or "manual" (m11b_jax.attention: hand-written backward in plain-GEMM layouts, for
     # CPU runs without remat). The same function either way.
     attention_impl: str = "autodiff"
+    # Output projection + loss in training: "logits" (the model returns the [batch, length, V] logits and the
+    # criterion takes them; the default, and the only choice with a model axis) or "fused"
+    # (m11b_jax.loss.output_cross_entropy: one custom-VJP operation whose backward never forms the gradient of
+    # the logits; for runs without model parallelism, e.g. on a CPU). The same loss and gradients either way.
+    loss_impl: str = "logits"
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +93,11 @@ class ModelConfig:
             raise UserError(f"unknown remat policy {self.remat_policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise UserError(f"unknown attention_impl {self.attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise UserError(f"unknown loss_impl {self.loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
+        if self.loss_impl == "fused" and mp > 1:
+            raise UserError(f"loss_impl='fused' works without a model axis, not with --model-parallel-size {mp}: "
+                            "use loss_impl='logits' (the vocab-parallel loss) or --model-parallel-size 1")
         for field in ("param_dtype", "compute_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise UserError(f"{field}={getattr(self, field)!r} is not one of {', '.join(DTYPES)}")

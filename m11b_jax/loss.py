@@ -12,6 +12,8 @@ summed over the whole global batch.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -86,3 +88,49 @@ def criterion_fn(name: str, mesh: Mesh, pad_idx: int = 1):
     if name in ("cross_entropy", "vocab_parallel_cross_entropy"):
         return lambda logits, targets: cross_entropy(logits, targets, pad_idx)
     raise ValueError(f"unknown criterion {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused output projection + cross-entropy (config `loss_impl="fused"`, no model axis).
+
+
+def _output_xent_fwd(hidden, embed, targets, pad_idx):
+    logits = jnp.einsum("nd,vd->nv", hidden, embed, preferred_element_type=jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    m = logits.max(axis=-1)
+    p = jnp.exp(logits - m[:, None])
+    s = p.sum(axis=-1)
+    mask = targets != pad_idx
+    nll = jnp.where(mask, jnp.log(s) + m - target_logit, 0.0)
+    # p (in the compute dtype, like the logits) is kept for the backward pass instead of the logits.
+    return (nll.sum(), mask.sum(dtype=jnp.int32)), (hidden, embed, p.astype(hidden.dtype), s, targets, mask)
+
+
+def _output_xent_bwd(pad_idx, residuals, cotangents):
+    """d loss / d logits = g * (p / s - onehot), never formed: the row scale g / s goes onto the small operand of
+    each product (rows of p @ embed, rows of hidden) and the onehot part is a gather / scatter of embedding and
+    hidden rows, so both products read p as it was stored."""
+    hidden, embed, p, s, targets, mask = residuals
+    g = jnp.where(mask, cotangents[0], 0.0)  # d loss / d nll, per token
+    w = (g / s)[:, None]
+    h32 = hidden.astype(jnp.float32)
+    d_hidden = w * jnp.matmul(p, embed, preferred_element_type=jnp.float32) \
+        - g[:, None] * jnp.take(embed, targets, axis=0).astype(jnp.float32)
+    d_embed = jax.lax.dot_general(p, (w * h32).astype(p.dtype), (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32) \
+        - jax.ops.segment_sum(g[:, None] * h32, targets, num_segments=embed.shape[0])
+    return d_hidden.astype(hidden.dtype), d_embed.astype(embed.dtype), None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def output_cross_entropy(hidden: jax.Array, embed: jax.Array, targets: jax.Array, pad_idx: int = 1):
+    """(summed cross-entropy in nats over non-pad targets, their count) of the tied output projection, as one
+    operation: hidden [n, d] (final LayerNorm output) and embed [V, d] (the tied embedding), both in the compute
+    dtype, targets [n]. The same function as `cross_entropy(hidden @ embed.T, targets)` with fp32 logits. Its
+    backward never forms the [n, V] gradient of the logits (see `_output_xent_bwd`), which saves writing and
+    reading one [n, V] array per step. For meshes without a model axis (config `loss_impl="fused"`); with one,
+    the vocab-parallel loss applies."""
+    return _output_xent_fwd(hidden, embed, targets, pad_idx)[0]
+
+
+output_cross_entropy.defvjp(_output_xent_fwd, _output_xent_bwd)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from m11b_jax.attention import causal_allowed, causal_attention
 from m11b_jax.config import ModelConfig, parse_dtype_flag
+from m11b_jax.loss import output_cross_entropy
 
 # Logical names of activations. The sharding table decides what each maps to.
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
@@ -268,4 +269,13 @@ class TransformerLM(nn.Module):
 
     def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.logits(self.hidden_states(tokens, deterministic))
+
+    def output_loss(self, tokens: jax.Array, targets: jax.Array, deterministic: bool = True):
+        """(summed cross-entropy in nats over non-pad targets, their count) with the output projection and the
+        loss as one operation (`loss.output_cross_entropy`, config `loss_impl="fused"`): no logits returned."""
+        cdt = parse_dtype_flag(self.cfg.compute_dtype)
+        hidden = nn.with_logical_constraint(self.hidden_states(tokens, deterministic).astype(cdt), (BATCH, SEQ, EMBED))
+        b, t, d = hidden.shape
+        return output_cross_entropy(hidden.reshape(b * t, d), self.embed_tokens.astype(cdt), targets.reshape(b * t),
+                                    self.cfg.pad_idx)
 

@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-impl", choices=("autodiff", "manual"),
                    help="attention core: autodiff (default) or manual, a hand-written backward that is faster on "
                         "CPUs (use with --remat-policy none; same function)")
+    g.add_argument("--loss-impl", choices=("logits", "fused"),
+                   help="output projection + loss: logits (default; the vocab-parallel loss) or fused, one operation "
+                        "whose backward never forms the gradient of the logits (--model-parallel-size 1 only; "
+                        "same function)")
 
     g = p.add_argument_group("task and data")
     g.add_argument("--task", default="language_modeling", choices=("language_modeling",))
@@ -291,7 +295,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     mixed = [f for f in ("fp16", "memory_efficient_fp16", "bf16", "memory_efficient_bf16") if getattr(args, f)]
     dtype_policy = ("bf16 compute, fp32 params+Adam (--" + mixed[0].replace("_", "-") + ")") if mixed else "fp32"
     overrides = dict(dropout=args.dropout, attention_dropout=args.attention_dropout, remat_policy=args.remat_policy,
-                     attention_impl=args.attention_impl, compute_dtype="bfloat16" if mixed else None)
+                     attention_impl=args.attention_impl, loss_impl=args.loss_impl,
+                     compute_dtype="bfloat16" if mixed else None)
     model = load_config(args.arch, **overrides)
     tokens = args.tokens_per_sample if args.tokens_per_sample is not None else min(1024, model.max_positions)
     if tokens < 1:

@@ -95,6 +95,8 @@ def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, c
 
     rng_impl: the dropout generator, `threefry2x32` (JAX's default: identical masks on any backend and
     mesh) or `rbg` (XLA's RngBitGenerator: much cheaper on GPUs; deterministic for a given program)."""
+    if cfg.loss_impl == "fused":
+        cfg.validate(mesh.shape[S.MODEL])  # the fused loss has no model axis: a one-line error otherwise
     model = TransformerLM(cfg)
     tx = ocfg.optimizer()
     loss_of = criterion_fn(criterion, mesh, cfg.pad_idx)
@@ -103,8 +105,12 @@ def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, c
     deterministic = cfg.dropout == 0 and cfg.attention_dropout == 0 and cfg.activation_dropout == 0
 
     def micro_loss(params, source, target, key, denom):
-        logits = model.apply({"params": params}, source, deterministic=deterministic, rngs={"dropout": key})
-        loss, ntok = loss_of(logits, target)  # summed nats, target count
+        if cfg.loss_impl == "fused":
+            loss, ntok = model.apply({"params": params}, source, target, deterministic=deterministic,
+                                     rngs={"dropout": key}, method=TransformerLM.output_loss)
+        else:
+            logits = model.apply({"params": params}, source, deterministic=deterministic, rngs={"dropout": key})
+            loss, ntok = loss_of(logits, target)  # summed nats, target count
         # Dividing inside the differentiated function gives fairseq's grad(sum)/ntokens without a
         # separate pass (and buffer) over the gradients.
         return loss / denom, (loss, ntok)

@@ -116,6 +116,8 @@ def _tiny(data, save, *extra):
     ("no arch", ["DATA", "--batch-size", "2"], r"--arch is required with a DATA_PATH"),
     ("heads vs mp", ["DATA", "--arch", "tiny", "--batch-size", "2", "--model-parallel-size", "3"],
      r"num_heads=8 is not divisible by the model-parallel size 3"),
+    ("fused loss vs mp", ["DATA", "--arch", "tiny", "--batch-size", "2", "--model-parallel-size", "2", "--loss-impl",
+                          "fused"], r"loss_impl='fused' works without a model axis, not with --model-parallel-size 2"),
 ])
 def test_bad_command_lines_are_one_clear_error(case, argv, message, tmp_path):
     with pytest.raises(UserError, match=message) as e:
