@@ -117,8 +117,7 @@ def _output_xent_bwd(pad_idx, residuals, cotangents):
     d_hidden = w * jnp.matmul(p, embed, preferred_element_type=jnp.float32) \
         - g[:, None] * jnp.take(embed, targets, axis=0).astype(jnp.float32)
     d_embed = jax.lax.dot_general(p, (w * h32).astype(p.dtype), (((0,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32) \
-        - jax.ops.segment_sum(g[:, None] * h32, targets, num_segments=embed.shape[0])
+                                  preferred_element_type=jnp.float32).at[targets].add(-g[:, None] * h32)
     return d_hidden.astype(hidden.dtype), d_embed.astype(embed.dtype), None
 
 
