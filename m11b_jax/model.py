@@ -278,4 +278,3 @@ class TransformerLM(nn.Module):
         b, t, d = hidden.shape
         return output_cross_entropy(hidden.reshape(b * t, d), self.embed_tokens.astype(cdt), targets.reshape(b * t),
                                     self.cfg.pad_idx)
-
