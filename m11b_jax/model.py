@@ -260,12 +260,18 @@ class TransformerLM(nn.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Tied output projection: hidden @ E^T, vocab-parallel (each model shard makes its vocab slice)."""
+        (b, t), hidden, embed = self._output_operands(hidden)
+        # One 2-D matmul: its weight gradient is a plain 2-D product too (see `_matmul_flat_weight_grad`).
+        out = jnp.einsum("nd,vd->nv", hidden, embed)
+        return nn.with_logical_constraint(out.reshape(b, t, -1), (BATCH, SEQ, VOCAB))
+
+    def _output_operands(self, hidden: jax.Array):
+        """((batch, length), hidden [batch * length, d], tied embedding [V, d]) in the compute dtype: what the
+        output projection multiplies, in `logits` and in `output_loss` alike."""
         cdt = parse_dtype_flag(self.cfg.compute_dtype)
         hidden = nn.with_logical_constraint(hidden.astype(cdt), (BATCH, SEQ, EMBED))
         b, t, d = hidden.shape
-        # One 2-D matmul: its weight gradient is a plain 2-D product too (see `_matmul_flat_weight_grad`).
-        out = jnp.einsum("nd,vd->nv", hidden.reshape(b * t, d), self.embed_tokens.astype(cdt))
-        return nn.with_logical_constraint(out.reshape(b, t, -1), (BATCH, SEQ, VOCAB))
+        return (b, t), hidden.reshape(b * t, d), self.embed_tokens.astype(cdt)
 
     def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.logits(self.hidden_states(tokens, deterministic))
@@ -273,8 +279,5 @@ class TransformerLM(nn.Module):
     def output_loss(self, tokens: jax.Array, targets: jax.Array, deterministic: bool = True):
         """(summed cross-entropy in nats over non-pad targets, their count) with the output projection and the
         loss as one operation (`loss.output_cross_entropy`, config `loss_impl="fused"`): no logits returned."""
-        cdt = parse_dtype_flag(self.cfg.compute_dtype)
-        hidden = nn.with_logical_constraint(self.hidden_states(tokens, deterministic).astype(cdt), (BATCH, SEQ, EMBED))
-        b, t, d = hidden.shape
-        return output_cross_entropy(hidden.reshape(b * t, d), self.embed_tokens.astype(cdt), targets.reshape(b * t),
-                                    self.cfg.pad_idx)
+        _, hidden, embed = self._output_operands(self.hidden_states(tokens, deterministic))
+        return output_cross_entropy(hidden, embed, targets.reshape(-1), self.cfg.pad_idx)

@@ -24,6 +24,7 @@ import sys
 import textwrap
 from typing import Sequence
 
+from m11b_jax.config import ATTENTION_IMPLS, LOSS_IMPLS, REMAT_POLICIES
 from m11b_jax.errors import UserError, cli_main
 
 MEGATRON_ARCH = "transformer_lm_megatron_11b"
@@ -116,12 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--share-decoder-input-output-embed", action="store_true",
                    help="tie input and output embeddings; the model always ties them, and the release was trained "
                         f"tied, so {MEGATRON_ARCH} requires this flag")
-    g.add_argument("--remat-policy", choices=("none", "full", "save_dots", "save_dots_no_batch"),
+    g.add_argument("--remat-policy", choices=REMAT_POLICIES,
                    help="what each layer keeps for the backward pass (default: the arch's; full recomputes the layer)")
-    g.add_argument("--attention-impl", choices=("autodiff", "manual"),
+    g.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
                    help="attention core: autodiff (default) or manual, a hand-written backward that is faster on "
                         "CPUs (use with --remat-policy none; same function)")
-    g.add_argument("--loss-impl", choices=("logits", "fused"),
+    g.add_argument("--loss-impl", choices=LOSS_IMPLS,
                    help="output projection + loss: logits (default; the vocab-parallel loss) or fused, one operation "
                         "whose backward never forms the gradient of the logits (--model-parallel-size 1 only; "
                         "same function)")
