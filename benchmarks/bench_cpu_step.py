@@ -2,11 +2,11 @@
 
 PyTorch side: transformers' XGLMForCausalLM (the same function as fairseq's transformer_lm: see
 tests/test_model.py) + torch.optim.Adam, fp32, eager. Our side: the jitted train step (forward, backward,
-fairseq Adam update; fp32) on one CPU device, layers unrolled, remat off, the manual attention backward and the
-fused output loss (the choices that suit small CPU runs), with freed host memory kept by the allocator for both
-sides (m11b_jax.runtime.retain_host_memory). The two sides take turns in three blocks of steps (ours, theirs,
-ours, ...: see time_interleaved); prints the median seconds per step for both and the ratio ours/theirs
-(goal <= 1.0).
+fairseq Adam update; fp32) on one CPU device, layers unrolled, remat off, the manual attention backward, the
+fused output loss and the transposed weight gradients (the choices that suit small CPU runs), with freed host
+memory kept by the allocator for both sides (m11b_jax.runtime.retain_host_memory). The two sides take turns in
+three blocks of steps (ours, theirs, ours, ...: see time_interleaved); prints the median seconds per step for
+both and the ratio ours/theirs (goal <= 1.0).
 
     python benchmarks/bench_cpu_step.py            # configs (a) vocab 51200 and (b) vocab 1024
 """
@@ -104,6 +104,9 @@ def main():
                     help="our attention core (default: manual, the CPU-suited one; see m11b_jax/attention.py)")
     ap.add_argument("--loss-impl", default="fused", choices=("fused", "logits"),
                     help="our output projection + loss (default: fused; see m11b_jax.loss.output_cross_entropy)")
+    ap.add_argument("--weight-grad-impl", default="transposed", choices=("transposed", "flat"),
+                    help="weight gradients of the projections (default: transposed; see "
+                         "m11b_jax.model._matmul_flat_weight_grad)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="keep glibc's default allocator settings (see m11b_jax.runtime.retain_host_memory)")
     args = ap.parse_args()
@@ -111,11 +114,13 @@ def main():
     # Process-wide, so the PyTorch side runs with the same allocator settings as ours.
     retained = False if args.system_malloc else runtime.retain_host_memory()
     print(json.dumps({"retain_host_memory": retained, "attention_impl": args.attention_impl,
-                      "loss_impl": args.loss_impl, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "load_avg": os.getloadavg()[0]}), flush=True)
+                      "loss_impl": args.loss_impl, "weight_grad_impl": args.weight_grad_impl,
+                      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "load_avg": os.getloadavg()[0]}), flush=True)
     rows = []
     for name in args.configs.split(","):
         cfg = ModelConfig(name=name, max_positions=SEQ, dropout=0.0, attention_dropout=0.0, remat_policy="none",
-                          attention_impl=args.attention_impl, loss_impl=args.loss_impl, scan_layers=False,
+                          attention_impl=args.attention_impl, loss_impl=args.loss_impl,
+                          weight_grad_impl=args.weight_grad_impl, scan_layers=False,
                           **CONFIGS[name])
         tokens = np.random.default_rng(0).integers(4, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
         t = time_interleaved({"ours": ours(cfg, tokens), "theirs": theirs(cfg, tokens)}, args.warmup, args.steps)

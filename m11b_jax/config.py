@@ -18,6 +18,7 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("autodiff", "manual")
 LOSS_IMPLS = ("logits", "fused")
+WEIGHT_GRAD_IMPLS = ("flat", "transposed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,11 @@ class ModelConfig:
     # (m11b_jax.loss.output_cross_entropy: one custom-VJP operation whose backward never forms the gradient of
     # the logits; for runs without model parallelism, e.g. on a CPU). The same loss and gradients either way.
     loss_impl: str = "logits"
+    # Weight gradients of the layers' projections: "flat" (q/k/v and fc1 as one 2-D product, out_proj and fc2 by
+    # autodiff; the default) or "transposed" (all six as a 2-D product in the form XLA:CPU runs in YNNPACK, on a
+    # transposed copy of the narrower operand; for CPU runs without the save_dots remat policies). See
+    # model._matmul_flat_weight_grad. The same gradients either way.
+    weight_grad_impl: str = "flat"
 
     @property
     def head_dim(self) -> int:
@@ -95,6 +101,13 @@ class ModelConfig:
             raise UserError(f"unknown attention_impl {self.attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
         if self.loss_impl not in LOSS_IMPLS:
             raise UserError(f"unknown loss_impl {self.loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
+        if self.weight_grad_impl not in WEIGHT_GRAD_IMPLS:
+            raise UserError(f"unknown weight_grad_impl {self.weight_grad_impl!r}: "
+                            f"choose one of {', '.join(WEIGHT_GRAD_IMPLS)}")
+        if self.weight_grad_impl == "transposed" and self.remat_policy in ("save_dots", "save_dots_no_batch"):
+            raise UserError(f"weight_grad_impl='transposed' hides the projections from remat policy "
+                            f"{self.remat_policy!r}, which saves matmul outputs: use --remat-policy none or full, "
+                            "or weight_grad_impl='flat'")
         if self.loss_impl == "fused" and mp > 1:
             raise UserError(f"loss_impl='fused' works without a model axis, not with --model-parallel-size {mp}: "
                             "use loss_impl='logits' (the vocab-parallel loss) or --model-parallel-size 1")

@@ -13,6 +13,7 @@ in one table. Weights use Flax's [in, out] kernel layout (fairseq's nn.Linear is
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -67,42 +68,73 @@ def _dense(features, axes, cfg: ModelConfig, name: str, init=nn.initializers.xav
     )
 
 
-@jax.custom_vjp
-def _matmul_flat_weight_grad(x, w):
-    """x [..., k] @ w [k, f], whose weight gradient is one 2-D product x_2d^T g_2d over the flattened leading axes.
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_flat_weight_grad(x, w, transposed: bool = False):
+    """x [..., k] @ w [k, f], whose weight gradient is one 2-D product over the flattened leading axes.
 
     Autodiff's weight gradient of a 3-D x contracts two leading axes; XLA:CPU answers that with a transposed
     copy of the output gradient plus a slow generic dot (fc1 forward + backward: 43 ms vs 11 ms on the CPU
-    benchmark's shapes). The forward stays 3-D, so sharding and the memory XLA plans are unchanged."""
+    benchmark's shapes). The forward stays 3-D, so sharding and the memory XLA plans are unchanged.
+
+    transposed=False: dw = x_2d^T g_2d, contracting the token axis that leads both operands.
+    transposed=True (config `weight_grad_impl="transposed"`): the same product in the plain [k, n] x [n, f] form,
+    on a transposed copy of the narrower operand (see `_weight_grad_nn`)."""
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _matmul_fwd(x, w):
-    return _matmul_flat_weight_grad(x, w), (x, w)
+def _matmul_fwd(x, w, transposed):
+    return _matmul_flat_weight_grad(x, w, transposed), (x, w)
 
 
-def _matmul_bwd(residuals, g):
+def _weight_grad_nn(x2, g2):
+    """x2^T g2 ([n, k], [n, f] -> [k, f]) as a product whose left operand is contracted on its last axis and
+    right operand on its first: XLA:CPU runs that form in YNNPACK, while x2^T g2 as written (both operands
+    contracted on their leading axis) goes to a generic kernel that runs 1.1-1.5x slower alone and much slower
+    beside other work in a train step. The narrower of x2 and g2 is transposed (a copy of [n, 256] is cheap; of
+    the [n, ffn] activation it is not). The optimization barriers stop XLA from folding the transposes back
+    into the product's dimension numbers."""
+    dot = lambda a, b: jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())))  # noqa: E731  [m, n] @ [n, p]
+    barrier = jax.lax.optimization_barrier
+    if x2.shape[1] <= g2.shape[1]:
+        return dot(barrier(x2.T), g2)
+    return barrier(dot(barrier(g2.T), x2)).T
+
+
+def _matmul_bwd(transposed, residuals, g):
     x, w = residuals
     dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
-    dw = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if transposed:
+        dw = _weight_grad_nn(x2, g2)
+    else:
+        dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
     return dx, dw.astype(w.dtype)
 
 
 _matmul_flat_weight_grad.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _flat_weight_grad_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+def _projection(x: jax.Array, features: int, axes, cfg: ModelConfig, name: str, column_parallel: bool) -> jax.Array:
+    """`_dense` for one of a layer's projections, with its weight gradient as `cfg.weight_grad_impl` says:
+    "flat" gives the column-parallel ones (q/k/v, fc1), whose wide output gradient makes the 3-D weight gradient
+    slow on XLA:CPU, the 2-D product of `_matmul_flat_weight_grad` and leaves the row-parallel ones (out_proj,
+    fc2) to autodiff; "transposed" gives every projection the 2-D product in the form XLA:CPU runs fastest.
+    Neither applies under the remat policies that save matmul outputs: they must see the forward product as a
+    `dot_general`, and a custom VJP hides it."""
+    dot_general = None
+    if cfg.remat_policy not in ("save_dots", "save_dots_no_batch"):
+        if cfg.weight_grad_impl == "transposed":
+            dot_general = partial(_flat_weight_grad_dot_general, transposed=True)
+        elif column_parallel:
+            dot_general = _flat_weight_grad_dot_general
+    return _dense(features, axes, cfg, name, dot_general=dot_general)(x)
+
+
+def _flat_weight_grad_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                                  transposed: bool = False):
     """`lax.dot_general` as nn.Dense calls it (contract lhs's last axis with rhs's first), through the above."""
     assert dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())), dimension_numbers
-    return _matmul_flat_weight_grad(lhs, rhs)
-
-
-def _column_parallel(x: jax.Array, features: int, axes, cfg: ModelConfig, name: str) -> jax.Array:
-    """`_dense` for the column-parallel projections (q/k/v, fc1), whose wide output gradient makes the 3-D weight
-    gradient slow on XLA:CPU (see `_matmul_flat_weight_grad`). Not under the remat policies that save matmul
-    outputs: they must see the forward product as a `dot_general`, and a custom VJP hides it."""
-    flat = cfg.remat_policy not in ("save_dots", "save_dots_no_batch")
-    return _dense(features, axes, cfg, name, dot_general=_flat_weight_grad_dot_general if flat else None)(x)
+    return _matmul_flat_weight_grad(lhs, rhs, transposed)
 
 
 def _layer_norm(cfg: ModelConfig, name: str):
@@ -150,9 +182,9 @@ class SelfAttention(nn.Module):
         def heads(y):
             return nn.with_logical_constraint(y.reshape(b, t, h, hd), (BATCH, SEQ, HEADS, KV))
 
-        q = heads(_column_parallel(x, d, ("embed", "heads"), cfg, "q_proj") * (hd ** -0.5))  # scaled after its bias
-        k = heads(_column_parallel(x, d, ("embed", "heads"), cfg, "k_proj"))
-        v = heads(_column_parallel(x, d, ("embed", "heads"), cfg, "v_proj"))
+        q = heads(_projection(x, d, ("embed", "heads"), cfg, "q_proj", True) * (hd ** -0.5))  # scaled after its bias
+        k = heads(_projection(x, d, ("embed", "heads"), cfg, "k_proj", True))
+        v = heads(_projection(x, d, ("embed", "heads"), cfg, "v_proj", True))
 
         dropout = not deterministic and cfg.attention_dropout > 0
         if cfg.attention_impl == "manual":
@@ -163,7 +195,7 @@ class SelfAttention(nn.Module):
             out = heads_major(causal_attention(heads_major(q), heads_major(k), heads_major(v), key_mask, keep,
                                                keep_scale))
             out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV)).reshape(b, t, d)
-            return _dense(d, ("heads", "embed"), cfg, "out_proj")(out)
+            return _projection(out, d, ("heads", "embed"), cfg, "out_proj", False)
 
         # Like fairseq in mixed precision: scores in the compute dtype, the softmax in fp32, probs cast back.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
@@ -175,7 +207,7 @@ class SelfAttention(nn.Module):
             probs = _dropout_16bit(probs, cfg.attention_dropout, self.make_rng("dropout"))
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV)).reshape(b, t, d)
-        return _dense(d, ("heads", "embed"), cfg, "out_proj")(out)
+        return _projection(out, d, ("heads", "embed"), cfg, "out_proj", False)
 
 
 class DecoderLayer(nn.Module):
@@ -196,11 +228,11 @@ class DecoderLayer(nn.Module):
         x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
 
         h = _layer_norm(cfg, "final_layer_norm")(x).astype(cdt)
-        h = _column_parallel(h, cfg.ffn_dim, ("embed", "mlp"), cfg, "fc1")
+        h = _projection(h, cfg.ffn_dim, ("embed", "mlp"), cfg, "fc1", True)
         h = nn.with_logical_constraint(h, (BATCH, SEQ, MLP))
         h = gelu_erf(h.astype(jnp.float32)).astype(cdt)  # exact erf GELU in fp32
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
-        h = _dense(cfg.d_model, ("mlp", "embed"), cfg, "fc2")(h)
+        h = _projection(h, cfg.d_model, ("mlp", "embed"), cfg, "fc2", False)
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
         return x, None

@@ -24,7 +24,7 @@ import sys
 import textwrap
 from typing import Sequence
 
-from m11b_jax.config import ATTENTION_IMPLS, LOSS_IMPLS, REMAT_POLICIES
+from m11b_jax.config import ATTENTION_IMPLS, LOSS_IMPLS, REMAT_POLICIES, WEIGHT_GRAD_IMPLS
 from m11b_jax.errors import UserError, cli_main
 
 MEGATRON_ARCH = "transformer_lm_megatron_11b"
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output projection + loss: logits (default; the vocab-parallel loss) or fused, one operation "
                         "whose backward never forms the gradient of the logits (--model-parallel-size 1 only; "
                         "same function)")
+    g.add_argument("--weight-grad-impl", choices=WEIGHT_GRAD_IMPLS,
+                   help="weight gradients of the projections: flat (default) or transposed, the form XLA:CPU runs "
+                        "fastest (CPU runs; not with the save_dots remat policies; same gradients)")
 
     g = p.add_argument_group("task and data")
     g.add_argument("--task", default="language_modeling", choices=("language_modeling",))
@@ -297,7 +300,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     dtype_policy = ("bf16 compute, fp32 params+Adam (--" + mixed[0].replace("_", "-") + ")") if mixed else "fp32"
     overrides = dict(dropout=args.dropout, attention_dropout=args.attention_dropout, remat_policy=args.remat_policy,
                      attention_impl=args.attention_impl, loss_impl=args.loss_impl,
-                     compute_dtype="bfloat16" if mixed else None)
+                     weight_grad_impl=args.weight_grad_impl, compute_dtype="bfloat16" if mixed else None)
     model = load_config(args.arch, **overrides)
     tokens = args.tokens_per_sample if args.tokens_per_sample is not None else min(1024, model.max_positions)
     if tokens < 1:

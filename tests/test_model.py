@@ -66,13 +66,14 @@ def _mean_nll(logits, targets):
     return jnp.where(mask, nll, 0.0).sum() / mask.sum()
 
 
-@pytest.mark.parametrize("attention_impl", ["autodiff", "manual"])
-def test_gradients_match_xglm(attention_impl):
+@pytest.mark.parametrize("attention_impl, weight_grad_impl",
+                         [("autodiff", "flat"), ("manual", "flat"), ("manual", "transposed")])
+def test_gradients_match_xglm(attention_impl, weight_grad_impl):
     params = random_params(CFG, seed=3)
     tok = batch_with_padding(CFG, seed=4)
     src, tgt = tok[:, :-1], tok[:, 1:]
     tgt = np.where(src == PAD, PAD, tgt)
-    model = TransformerLM(CFG.replace(attention_impl=attention_impl))
+    model = TransformerLM(CFG.replace(attention_impl=attention_impl, weight_grad_impl=weight_grad_impl))
     grads = jax.grad(lambda p: _mean_nll(model.apply({"params": p}, jnp.asarray(src)), tgt))(params)
     ours = to_fairseq_state_dict(jax.device_get(grads), CFG.num_layers)
 
@@ -173,6 +174,9 @@ def test_dropout_is_active_in_training_and_keyed():
     ({"vocab_size": 1001}, 8, "vocab_size=1001 is not divisible"),
     ({"num_heads": 7}, 1, "not divisible by num_heads=7"),
     ({"remat_policy": "some"}, 1, "unknown remat policy"),
+    ({"weight_grad_impl": "tn"}, 1, "unknown weight_grad_impl 'tn': choose one of flat, transposed"),
+    ({"weight_grad_impl": "transposed", "remat_policy": "save_dots"}, 1,
+     "weight_grad_impl='transposed' hides the projections from remat policy 'save_dots'.*weight_grad_impl='flat'"),
 ])
 def test_config_validation_errors_are_one_line(change, mp, message):
     with pytest.raises(UserError, match=message) as e:

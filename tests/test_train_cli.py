@@ -118,6 +118,9 @@ def _tiny(data, save, *extra):
      r"num_heads=8 is not divisible by the model-parallel size 3"),
     ("fused loss vs mp", ["DATA", "--arch", "tiny", "--batch-size", "2", "--model-parallel-size", "2", "--loss-impl",
                           "fused"], r"loss_impl='fused' works without a model axis, not with --model-parallel-size 2"),
+    ("transposed grads vs save_dots", ["DATA", "--arch", "tiny", "--batch-size", "2", "--weight-grad-impl",
+                                       "transposed", "--remat-policy", "save_dots"],
+     r"weight_grad_impl='transposed' hides the projections from remat policy 'save_dots'"),
 ])
 def test_bad_command_lines_are_one_clear_error(case, argv, message, tmp_path):
     with pytest.raises(UserError, match=message) as e:
