@@ -94,16 +94,45 @@ def criterion_fn(name: str, mesh: Mesh, pad_idx: int = 1):
 # Fused output projection + cross-entropy (config `loss_impl="fused"`, no model axis).
 
 
+# The shift c of exp(logits - c) may be any value close enough to the row max; `_shift_without_max` picks one
+# from two cheap bounds on the max when they are tight enough, which saves the pass over the [n, V] logits that
+# finding the max costs. See its docstring for why the result is as accurate as with the max.
+_SHIFT_BELOW_BOUND = 64.0
+_BRACKET = 124.0
+
+
+def _shift_without_max(hidden, embed, target_logit):
+    """(per-row shift c, whether c is safe for every row), from bounds on the row max m without computing it.
+
+    Below: t = the target's logit <= m. Above: b = |h| max_v |e_v| >= m (Cauchy-Schwarz). With
+    c = max(t, b - 64): m - c <= 64, so no exp(l - c) exceeds e^64 and their sum over any vocabulary stays far
+    below fp32's (and bf16's) largest value. If b - t <= 124 in every row, the largest term exp(m - c) is at
+    least e^-60, so every term within fp32's precision of it is a normal number: the sum, the loss and the
+    gradients are as accurate as with c = m. Rows with a wider bracket (very large logits, or a target far
+    below the max) make the caller fall back to the max."""
+    h32 = hidden.astype(jnp.float32)
+    e32 = embed.astype(jnp.float32)
+    bound = jnp.sqrt((h32 * h32).sum(-1) * (e32 * e32).sum(-1).max())
+    return jnp.maximum(target_logit, bound - _SHIFT_BELOW_BOUND), jnp.all(bound - target_logit <= _BRACKET)
+
+
 def _output_xent_fwd(hidden, embed, targets, pad_idx):
     logits = jnp.einsum("nd,vd->nv", hidden, embed, preferred_element_type=jnp.float32)
     target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    m = logits.max(axis=-1)
-    p = jnp.exp(logits - m[:, None])
-    s = p.sum(axis=-1)
+
+    def exp_and_sum(shift):  # p in the compute dtype, like the logits: kept for the backward pass instead of them
+        p = jnp.exp(logits - shift[:, None])
+        return p.astype(hidden.dtype), p.sum(axis=-1), shift
+
+    if jnp.finfo(hidden.dtype).maxexp < jnp.finfo(jnp.float32).maxexp:  # float16 holds p only below the max
+        p, s, m = exp_and_sum(logits.max(axis=-1))
+    else:
+        shift, safe = _shift_without_max(hidden, embed, target_logit)
+        # Both branches write p inside the conditional, so XLA places it in the conditional's output: no copy.
+        p, s, m = jax.lax.cond(safe, exp_and_sum, lambda _: exp_and_sum(logits.max(axis=-1)), shift)
     mask = targets != pad_idx
     nll = jnp.where(mask, jnp.log(s) + m - target_logit, 0.0)
-    # p (in the compute dtype, like the logits) is kept for the backward pass instead of the logits.
-    return (nll.sum(), mask.sum(dtype=jnp.int32)), (hidden, embed, p.astype(hidden.dtype), s, targets, mask)
+    return (nll.sum(), mask.sum(dtype=jnp.int32)), (hidden, embed, p, s, targets, mask)
 
 
 def _output_xent_bwd(pad_idx, residuals, cotangents):

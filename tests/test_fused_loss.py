@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m11b_jax import sharding as S
 from m11b_jax.config import load_config
 from m11b_jax.errors import UserError
-from m11b_jax.loss import cross_entropy, output_cross_entropy
+from m11b_jax.loss import _shift_without_max, cross_entropy, output_cross_entropy
 from m11b_jax.model import TransformerLM
 from m11b_jax.train_step import OptimConfig, batch_shardings, init_train_state, make_train_step
 
@@ -47,6 +47,32 @@ def test_fused_loss_equals_cross_entropy_of_the_logits_value_and_gradients(data)
         np.testing.assert_allclose(got, want, atol=1e-6)
     # Pad targets contribute nothing: the loss does not depend on a pad position's hidden state.
     assert float(jnp.abs(grads[0][5:9]).max()) == 0.0
+
+
+@pytest.mark.parametrize("scale, without_max", [(3.0, True), (10.0, True), (20.0, False), (60.0, False)])
+def test_fused_loss_shifts_without_the_max_only_when_the_bounds_allow(scale, without_max):
+    """The forward skips the pass for the row max when the target logit and the Cauchy-Schwarz bound bracket it
+    tightly enough (logits up to ~12 and ~40 here), and falls back to the max otherwise (up to ~80 and ~240):
+    the same value and gradients either way."""
+    hidden, embed, targets = _problem(scale=scale)
+    logits = hidden @ embed.T
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    shift, safe = _shift_without_max(hidden, embed, target_logit)
+    assert bool(safe) is without_max
+    if without_max:  # the shift stays within the window that keeps every exp(l - shift) finite and accurate
+        gap = logits.max(axis=-1) - shift
+        assert float(gap.max()) <= 64.0 and float(gap.min()) >= -60.0
+
+    def fused(h, e):
+        return output_cross_entropy(h, e, targets, PAD)[0]
+
+    def ref(h, e):
+        return cross_entropy(h @ e.T, targets, PAD)[0]
+
+    (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f, (0, 1))(hidden, embed) for f in (fused, ref))
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.abs(want).max()))
 
 
 def test_fused_loss_is_stable_for_large_logits_and_bfloat16():
