@@ -13,8 +13,7 @@ from m11b_jax.errors import UserError
 from m11b_jax.loss import _shift_without_max, cross_entropy, output_cross_entropy
 from m11b_jax.model import TransformerLM
 from m11b_jax.train_step import OptimConfig, batch_shardings, init_train_state, make_train_step
-
-PAD = 1
+from model_fixtures import PAD, tiny_problem
 
 
 def _problem(n=96, d=32, vocab=200, scale=3.0):
@@ -93,14 +92,7 @@ def test_fused_loss_is_stable_for_large_logits_and_bfloat16():
 def test_fused_loss_in_the_model_and_the_train_step_equals_the_logits_path():
     """Same parameter gradients through the whole model (dropout on, pads in the batch, batch split over 8 devices),
     and the same train-step metrics."""
-    mesh = S.make_mesh(1)  # (8, 1)
-    rules = S.logical_rules()
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(4, 1024, size=(8, 33)).astype(np.int32)
-    tokens[3, 20:] = PAD
-    source, target = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
-    cfg = load_config("tiny", max_positions=32)
-    params = init_train_state(cfg, mesh, rules, OptimConfig(), seed=5).params
+    mesh, rules, cfg, params, source, target = tiny_problem(1)  # mesh (8, 1)
     key = jax.random.key(7)
 
     def loss_logits(p):
@@ -122,8 +114,7 @@ def test_fused_loss_in_the_model_and_the_train_step_equals_the_logits_path():
 
     ocfg = OptimConfig(lr=1e-3, warmup_updates=0, weight_decay=0.01, clip_norm=0.5)
     bs = batch_shardings(mesh)
-    batch = {"source": jax.device_put(tokens[None, :, :-1], bs["source"]),
-             "target": jax.device_put(tokens[None, :, 1:], bs["target"])}
+    batch = {"source": jax.device_put(source[None], bs["source"]), "target": jax.device_put(target[None], bs["target"])}
     metrics = {}
     for impl in ("logits", "fused"):
         c = cfg.replace(loss_impl=impl)

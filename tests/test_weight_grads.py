@@ -14,21 +14,13 @@ from m11b_jax.config import load_config
 from m11b_jax.loss import cross_entropy
 from m11b_jax.model import TransformerLM
 from m11b_jax.train_step import OptimConfig, init_train_state, make_train_step
-
-PAD = 1
+from model_fixtures import PAD, tiny_problem
 
 
 @pytest.mark.parametrize("model_parallel", [2, 8])
 def test_transposed_weight_grads_equal_the_default_on_sharded_meshes(model_parallel):
     """Megatron's column/row-parallel weights, batch over data: (4, 2) and (1, 8). One device: test_model.py."""
-    mesh = S.make_mesh(model_parallel)
-    rules = S.logical_rules()
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(4, 1024, size=(8, 33)).astype(np.int32)
-    tokens[3, 20:] = PAD
-    source, target = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
-    cfg = load_config("tiny", max_positions=32)
-    params = init_train_state(cfg, mesh, rules, OptimConfig(), seed=5).params
+    mesh, rules, cfg, params, source, target = tiny_problem(model_parallel)
 
     def loss(impl):
         model = TransformerLM(cfg.replace(weight_grad_impl=impl))
