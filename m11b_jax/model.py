@@ -182,9 +182,10 @@ class SelfAttention(nn.Module):
         def heads(y):
             return nn.with_logical_constraint(y.reshape(b, t, h, hd), (BATCH, SEQ, HEADS, KV))
 
-        q = heads(_projection(x, d, ("embed", "heads"), cfg, "q_proj", True) * (hd ** -0.5))  # scaled after its bias
-        k = heads(_projection(x, d, ("embed", "heads"), cfg, "k_proj", True))
-        v = heads(_projection(x, d, ("embed", "heads"), cfg, "v_proj", True))
+        q = _projection(x, d, ("embed", "heads"), cfg, "q_proj", column_parallel=True)
+        q = heads(q * (hd ** -0.5))  # scaled after its bias
+        k = heads(_projection(x, d, ("embed", "heads"), cfg, "k_proj", column_parallel=True))
+        v = heads(_projection(x, d, ("embed", "heads"), cfg, "v_proj", column_parallel=True))
 
         dropout = not deterministic and cfg.attention_dropout > 0
         if cfg.attention_impl == "manual":
@@ -195,7 +196,7 @@ class SelfAttention(nn.Module):
             out = heads_major(causal_attention(heads_major(q), heads_major(k), heads_major(v), key_mask, keep,
                                                keep_scale))
             out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV)).reshape(b, t, d)
-            return _projection(out, d, ("heads", "embed"), cfg, "out_proj", False)
+            return _projection(out, d, ("heads", "embed"), cfg, "out_proj", column_parallel=False)
 
         # Like fairseq in mixed precision: scores in the compute dtype, the softmax in fp32, probs cast back.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
@@ -207,7 +208,7 @@ class SelfAttention(nn.Module):
             probs = _dropout_16bit(probs, cfg.attention_dropout, self.make_rng("dropout"))
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV)).reshape(b, t, d)
-        return _projection(out, d, ("heads", "embed"), cfg, "out_proj", False)
+        return _projection(out, d, ("heads", "embed"), cfg, "out_proj", column_parallel=False)
 
 
 class DecoderLayer(nn.Module):
@@ -228,11 +229,11 @@ class DecoderLayer(nn.Module):
         x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
 
         h = _layer_norm(cfg, "final_layer_norm")(x).astype(cdt)
-        h = _projection(h, cfg.ffn_dim, ("embed", "mlp"), cfg, "fc1", True)
+        h = _projection(h, cfg.ffn_dim, ("embed", "mlp"), cfg, "fc1", column_parallel=True)
         h = nn.with_logical_constraint(h, (BATCH, SEQ, MLP))
         h = gelu_erf(h.astype(jnp.float32)).astype(cdt)  # exact erf GELU in fp32
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
-        h = _projection(h, cfg.d_model, ("mlp", "embed"), cfg, "fc2", False)
+        h = _projection(h, cfg.d_model, ("mlp", "embed"), cfg, "fc2", column_parallel=False)
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
         return x, None
