@@ -25,7 +25,7 @@ import torch
 
 from m11b_jax import runtime
 from m11b_jax import sharding as S
-from m11b_jax.config import ModelConfig
+from m11b_jax.config import ATTENTION_IMPLS, LOSS_IMPLS, WEIGHT_GRAD_IMPLS, ModelConfig
 from m11b_jax.train_step import OptimConfig, init_train_state, make_train_step
 
 CONFIGS = {
@@ -100,11 +100,11 @@ def main():
     ap.add_argument("--configs", default="a,b")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=9)
-    ap.add_argument("--attention-impl", default="manual", choices=("manual", "autodiff"),
+    ap.add_argument("--attention-impl", default="manual", choices=ATTENTION_IMPLS,
                     help="our attention core (default: manual, the CPU-suited one; see m11b_jax/attention.py)")
-    ap.add_argument("--loss-impl", default="fused", choices=("fused", "logits"),
+    ap.add_argument("--loss-impl", default="fused", choices=LOSS_IMPLS,
                     help="our output projection + loss (default: fused; see m11b_jax.loss.output_cross_entropy)")
-    ap.add_argument("--weight-grad-impl", default="transposed", choices=("transposed", "flat"),
+    ap.add_argument("--weight-grad-impl", default="transposed", choices=WEIGHT_GRAD_IMPLS,
                     help="weight gradients of the projections (default: transposed; see "
                          "m11b_jax.model._matmul_flat_weight_grad)")
     ap.add_argument("--system-malloc", action="store_true",

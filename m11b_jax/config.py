@@ -15,6 +15,8 @@ from m11b_jax.errors import UserError
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+# The remat policies that keep matmul outputs: they must see each projection as a plain `dot_general`.
+MATMUL_SAVING_POLICIES = ("save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("autodiff", "manual")
 LOSS_IMPLS = ("logits", "fused")
@@ -104,7 +106,7 @@ class ModelConfig:
         if self.weight_grad_impl not in WEIGHT_GRAD_IMPLS:
             raise UserError(f"unknown weight_grad_impl {self.weight_grad_impl!r}: "
                             f"choose one of {', '.join(WEIGHT_GRAD_IMPLS)}")
-        if self.weight_grad_impl == "transposed" and self.remat_policy in ("save_dots", "save_dots_no_batch"):
+        if self.weight_grad_impl == "transposed" and self.remat_policy in MATMUL_SAVING_POLICIES:
             raise UserError(f"weight_grad_impl='transposed' hides the projections from remat policy "
                             f"{self.remat_policy!r}, which saves matmul outputs: use --remat-policy none or full, "
                             "or weight_grad_impl='flat'")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from m11b_jax.attention import causal_allowed, causal_attention
-from m11b_jax.config import ModelConfig, parse_dtype_flag
+from m11b_jax.config import MATMUL_SAVING_POLICIES, ModelConfig, parse_dtype_flag
 from m11b_jax.loss import output_cross_entropy
 
 # Logical names of activations. The sharding table decides what each maps to.
@@ -122,7 +122,7 @@ def _projection(x: jax.Array, features: int, axes, cfg: ModelConfig, name: str, 
     Neither applies under the remat policies that save matmul outputs: they must see the forward product as a
     `dot_general`, and a custom VJP hides it."""
     dot_general = None
-    if cfg.remat_policy not in ("save_dots", "save_dots_no_batch"):
+    if cfg.remat_policy not in MATMUL_SAVING_POLICIES:
         if cfg.weight_grad_impl == "transposed":
             dot_general = partial(_flat_weight_grad_dot_general, transposed=True)
         elif column_parallel:
