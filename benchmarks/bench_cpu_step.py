@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from m11b_jax import runtime
-from m11b_jax import sharding as S
+from m11b_jax import sharding
 from m11b_jax.config import ATTENTION_IMPLS, LOSS_IMPLS, WEIGHT_GRAD_IMPLS, ModelConfig
 from m11b_jax.train_step import OptimConfig, init_train_state, make_train_step
 
@@ -56,8 +56,8 @@ def time_interleaved(fns: dict, warmup: int, steps: int, rounds: int = 3) -> dic
 
 def ours(cfg: ModelConfig, tokens: np.ndarray):
     """A zero-argument function running one train step (and waiting for it)."""
-    mesh = S.make_mesh(1, jax.devices()[:1])
-    rules = S.logical_rules()
+    mesh = sharding.make_mesh(1, jax.devices()[:1])
+    rules = sharding.logical_rules()
     ocfg = OptimConfig(lr=1e-4, warmup_updates=10, weight_decay=0.01)
     state = init_train_state(cfg, mesh, rules, ocfg)
     step = make_train_step(cfg, mesh, rules, ocfg)
@@ -106,7 +106,7 @@ def main():
                     help="our output projection + loss (default: fused; see m11b_jax.loss.output_cross_entropy)")
     ap.add_argument("--weight-grad-impl", default="transposed", choices=WEIGHT_GRAD_IMPLS,
                     help="weight gradients of the projections (default: transposed; see "
-                         "m11b_jax.model._matmul_flat_weight_grad)")
+                         "m11b_jax.ops.matmul_flat_weight_grad)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="keep glibc's default allocator settings (see m11b_jax.runtime.retain_host_memory)")
     args = ap.parse_args()

@@ -70,7 +70,7 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
 
-    from m11b_jax import sharding as S
+    from m11b_jax import param_tree, sharding
     from m11b_jax.config import ModelConfig
     from m11b_jax.eval_lm import ContextWindows, evaluate
     from m11b_jax.model import TransformerLM
@@ -78,9 +78,9 @@ def main() -> None:
 
     cfg = ModelConfig(name="bench-d128", vocab_size=256, d_model=128, ffn_dim=768, num_layers=2, num_heads=16,
                       max_positions=T, remat_policy="none", scan_layers=False)
-    mesh = S.make_mesh(1, jax.devices()[:1])
-    rules = S.logical_rules()
-    params = S.init_params(cfg, mesh, rules, seed=0)
+    mesh = sharding.make_mesh(1, jax.devices()[:1])
+    rules = sharding.logical_rules()
+    params = param_tree.init_params(cfg, mesh, rules, seed=0)
     stream = np.random.default_rng(0).integers(4, cfg.vocab_size, args.tokens).astype(np.int32)
     stream[np.random.default_rng(1).random(args.tokens) < 0.02] = 2  # some </s>
     windows = ContextWindows(args.tokens, T, C)

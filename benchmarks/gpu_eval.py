@@ -54,7 +54,7 @@ def main() -> None:
 
     import jax
 
-    from m11b_jax import sharding as S
+    from m11b_jax import param_tree, sharding
     from m11b_jax.config import ModelConfig, load_config
     from m11b_jax.eval_lm import ContextWindows, compile_only_report, eval_config, evaluate
 
@@ -77,18 +77,18 @@ def main() -> None:
         emit(name, value)
 
     gpu = jax.devices()[0]
-    rules = S.logical_rules()
-    mesh = S.make_mesh(1, [gpu])
+    rules = sharding.logical_rules()
+    mesh = sharding.make_mesh(1, [gpu])
 
     def parity():
         cfg = ModelConfig(name="parity", vocab_size=512, d_model=256, ffn_dim=1024, num_layers=4, num_heads=8,
                           max_positions=T, remat_policy="none")
         stream = random_stream(512 if a.smoke else 4096, cfg.vocab_size, seed=1)
         windows = ContextWindows(stream.size, T, C)
-        cpu_mesh = S.make_mesh(1, jax.devices("cpu")[:1])
-        params_cpu = S.init_params(cfg, cpu_mesh, rules, seed=2)
+        cpu_mesh = sharding.make_mesh(1, jax.devices("cpu")[:1])
+        params_cpu = param_tree.init_params(cfg, cpu_mesh, rules, seed=2)
         ref = evaluate(params_cpu, cfg, stream, windows, cpu_mesh, rules, batch_size=8).token_logprobs
-        params_gpu = jax.device_put(params_cpu, S.param_shardings(cfg, mesh, rules))
+        params_gpu = jax.device_put(params_cpu, param_tree.param_shardings(cfg, mesh, rules))
         got = evaluate(params_gpu, cfg, stream, windows, mesh, rules, batch_size=8).token_logprobs
         return {"max_abs_diff": float(np.abs(got - ref).max()), "max_abs_logprob": float(np.abs(ref).max()),
                 "tokens": int(stream.size)}
@@ -97,7 +97,7 @@ def main() -> None:
         cfg = eval_config(load_config("megatron_1p3b"), "bfloat16")
         if a.smoke:
             cfg = cfg.replace(d_model=64, ffn_dim=128, num_layers=2, num_heads=4, vocab_size=512)
-        params = S.init_params(cfg, mesh, rules, seed=0)
+        params = param_tree.init_params(cfg, mesh, rules, seed=0)
         stream = random_stream(a.tokens, cfg.vocab_size)
         windows = ContextWindows(stream.size, T, C)
         runs = []
@@ -120,7 +120,7 @@ def main() -> None:
     def run_11b():
         cfg = eval_config(load_config("transformer_lm_megatron_11b"), "bfloat16")
         t0 = time.perf_counter()
-        params = S.init_params(cfg, mesh, rules, seed=0)
+        params = param_tree.init_params(cfg, mesh, rules, seed=0)
         jax.block_until_ready(params)
         init_s = time.perf_counter() - t0
         stream = random_stream(a.tokens_11b, cfg.vocab_size)

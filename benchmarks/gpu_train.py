@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from m11b_jax import aot
-from m11b_jax import sharding as S
+from m11b_jax import sharding
 from m11b_jax.config import analytic_train_flops, load_config
 from m11b_jax.targets import peak_flops
 from m11b_jax.train_step import OptimConfig, init_train_state, make_train_step
@@ -38,8 +38,8 @@ def emit(row: dict) -> None:
 
 def train_throughput(arch: str, policy: str, batch: int, rng_impl: str, steps: int = 6) -> dict:
     cfg = load_config(arch, remat_policy=policy, compute_dtype="bfloat16")
-    mesh = S.make_mesh(1, jax.devices()[:1])
-    rules = S.logical_rules()
+    mesh = sharding.make_mesh(1, jax.devices()[:1])
+    rules = sharding.logical_rules()
     ocfg = OptimConfig(lr=1e-4, warmup_updates=100)
     state = init_train_state(cfg, mesh, rules, ocfg)
     step = make_train_step(cfg, mesh, rules, ocfg, rng_impl=rng_impl)

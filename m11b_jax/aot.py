@@ -13,7 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from m11b_jax import sharding as S
+from m11b_jax import sharding
 from m11b_jax.config import ModelConfig, analytic_train_flops
 from m11b_jax.errors import UserError
 from m11b_jax.train_step import OptimConfig, abstract_train_state, batch_shardings, make_train_step
@@ -96,10 +96,10 @@ def compile_train_step(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sa
                        criterion: str = "vocab_parallel_cross_entropy"):
     """Lower and compile the train step for `mesh` from abstract inputs. batch_size is per data replica."""
     ocfg = ocfg or OptimConfig()
-    rules = S.logical_rules(sequence_parallel=sequence_parallel)
+    rules = sharding.logical_rules(sequence_parallel=sequence_parallel)
     state = abstract_train_state(cfg, mesh, rules, ocfg)
-    global_batch = batch_size * mesh.shape[S.DATA]
-    bs = batch_shardings(mesh)
+    global_batch = batch_size * mesh.shape[sharding.DATA]
+    bs = batch_shardings(mesh, rules)
     batch = {k: jax.ShapeDtypeStruct((update_freq, global_batch, tokens_per_sample), jnp.int32, sharding=bs[k])
              for k in ("source", "target")}
     step = make_train_step(cfg, mesh, rules, ocfg, criterion=criterion)
@@ -115,11 +115,11 @@ def compile_report(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample
     compiled, secs = compile_train_step(cfg, mesh, batch_size=batch_size, tokens_per_sample=tokens_per_sample,
                                         update_freq=update_freq, sequence_parallel=sequence_parallel, ocfg=ocfg,
                                         criterion=criterion)
-    global_tokens = batch_size * mesh.shape[S.DATA] * tokens_per_sample * update_freq
+    global_tokens = batch_size * mesh.shape[sharding.DATA] * tokens_per_sample * update_freq
     return {
         "arch": cfg.name,
         "params": cfg.num_params(),
-        "mesh": S.describe(mesh),
+        "mesh": sharding.describe(mesh),
         "target": target or mesh.devices.flat[0].platform,
         "batch_size_per_replica": batch_size,
         "tokens_per_sample": tokens_per_sample,
@@ -160,7 +160,7 @@ def target_mesh(target: str | None, n_devices: int, model_parallel_size: int):
             raise UserError(
                 f"{n_devices} devices requested but only {len(devices)} present: simulate CPU devices with "
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={n_devices}")
-        return S.make_mesh(model_parallel_size, devices[:n_devices])
+        return sharding.make_mesh(model_parallel_size, devices[:n_devices])
     from m11b_jax.targets import target_devices
 
-    return S.make_mesh(model_parallel_size, target_devices(target, n_devices))
+    return sharding.make_mesh(model_parallel_size, target_devices(target, n_devices))

@@ -58,7 +58,7 @@ class ModelConfig:
     # Weight gradients of the layers' projections: "flat" (q/k/v and fc1 as one 2-D product, out_proj and fc2 by
     # autodiff; the default) or "transposed" (all six as a 2-D product in the form XLA:CPU runs in YNNPACK, on a
     # transposed copy of the narrower operand; for CPU runs without the save_dots remat policies). See
-    # model._matmul_flat_weight_grad. The same gradients either way.
+    # ops.matmul_flat_weight_grad. The same gradients either way.
     weight_grad_impl: str = "flat"
 
     @property
@@ -167,7 +167,8 @@ def analytic_train_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     return 6.0 * n_matmul * tokens + 3.0 * attn
 
 
-def parse_dtype_flag(name: str):
+def jax_dtype(name: str):
+    """The jnp dtype of one of DTYPES (a config's param_dtype / compute_dtype)."""
     import jax.numpy as jnp
 
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]

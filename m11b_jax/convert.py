@@ -349,7 +349,7 @@ def verify_checkpoint(path, devices=None, log=_log, strict: bool = True) -> dict
         return jnp.isfinite(logits).all(), nll
 
     with activate(mesh, rules):
-        finite, nll = forward(params, jax.device_put(tokens, batch_sharding(mesh)))
+        finite, nll = forward(params, jax.device_put(tokens, batch_sharding(mesh, rules=rules)))
     finite, nll = bool(finite), np.asarray(nll, dtype=np.float64)
     counts = np.asarray(dictionary.counts[dictionary.nspecial:], dtype=np.float64)
     unigram = float(np.mean(-np.log(np.asarray([dictionary.counts[i] for i in seq[1:k + 1]]) / counts.sum())))

@@ -172,18 +172,18 @@ def matmul_precision(cfg):
 def make_score_step(cfg, mesh, rules, attention_chunk: int, passes: int = 1):
     """jit of scoring.score_in_passes with the params' and the batch's shardings on `mesh`."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from m11b_jax import sharding as S
+    from m11b_jax import sharding
+    from m11b_jax.param_tree import param_shardings
     from m11b_jax.scoring import score_in_passes
 
-    rows = S.batch_sharding(mesh, 2)
+    rows = sharding.batch_sharding(mesh, 2, rules=rules)
 
     def step(params, tokens, first, targets):
         return score_in_passes(params, tokens, first, targets, cfg, passes=passes, attention_chunk=attention_chunk)
 
-    return jax.jit(step, in_shardings=(S.param_shardings(cfg, mesh, rules), rows, NamedSharding(mesh, P(S.DATA)), rows),
-                   out_shardings=rows)
+    return jax.jit(step, in_shardings=(param_shardings(cfg, mesh, rules), rows,
+                                       sharding.batch_sharding(mesh, 1, rules=rules), rows), out_shardings=rows)
 
 
 def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rules, *, batch_size: int,
@@ -194,7 +194,7 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
     """
     import jax
 
-    from m11b_jax import sharding as S
+    from m11b_jax import sharding
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be >= 1")
@@ -203,8 +203,8 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
     passes = passes or default_passes(platform, batch_size)
     if batch_size % passes:
         raise UserError(f"--batch-size {batch_size} is not a multiple of --passes {passes}")
-    global_batch = batch_size * mesh.shape[S.DATA]
-    rows, firsts = S.batch_sharding(mesh, 2), S.batch_sharding(mesh, 1)
+    global_batch = batch_size * mesh.shape[sharding.DATA]
+    rows, firsts = sharding.batch_sharding(mesh, 2, rules=rules), sharding.batch_sharding(mesh, 1, rules=rules)
     pad = cfg.pad_idx
 
     def batch_of(start: int):
@@ -217,7 +217,7 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
         return (jax.device_put(tokens, rows), jax.device_put(first, firsts), jax.device_put(targets, rows))
 
     t0 = time.perf_counter()
-    with S.activate(mesh, rules), matmul_precision(cfg):
+    with sharding.activate(mesh, rules), matmul_precision(cfg):
         ids, arrays = batch_of(0)
         compiled = make_score_step(cfg, mesh, rules, chunk, passes).lower(params, *put(arrays)).compile()
     compile_s = time.perf_counter() - t0
@@ -331,8 +331,8 @@ def load_training_checkpoint(path: pathlib.Path, mesh, rules, dtype: str):
     import jax
 
     from m11b_jax import checkpoint as train_ckpt
-    from m11b_jax import sharding as S
     from m11b_jax.config import ModelConfig
+    from m11b_jax.param_tree import param_shardings
     from m11b_jax.train_step import OptimConfig, abstract_train_state
 
     if train_ckpt.is_step_dir(path):
@@ -349,7 +349,7 @@ def load_training_checkpoint(path: pathlib.Path, mesh, rules, dtype: str):
     state, _ = train_ckpt.restore(root, update, abstract_train_state(stored, mesh, rules, OptimConfig()))
     cfg = eval_config(stored, dtype)
     cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dtype), p),
-                   out_shardings=S.param_shardings(cfg, mesh, rules))
+                   out_shardings=param_shardings(cfg, mesh, rules))
     return cfg, cast(state.params), None
 
 
@@ -391,29 +391,30 @@ def compile_only_report(cfg, mesh, *, batch_size: int, tokens_per_sample: int, c
     import jax
     import jax.numpy as jnp
 
-    from m11b_jax import sharding as S
+    from m11b_jax import sharding
     from m11b_jax.aot import collectives, memory
+    from m11b_jax.param_tree import abstract_params
 
-    rules = S.logical_rules()
+    rules = sharding.logical_rules()
     windows = ContextWindows(1, tokens_per_sample, context_window)
     platform = mesh.devices.flat[0].platform
     chunk = attention_chunk or default_attention_chunk(platform)
     passes = passes or default_passes(platform, batch_size)
-    global_batch = batch_size * mesh.shape[S.DATA]
-    rows = S.batch_sharding(mesh, 2)
-    abstract = S.abstract_params(cfg, mesh, rules)
+    global_batch = batch_size * mesh.shape[sharding.DATA]
+    rows = sharding.batch_sharding(mesh, 2, rules=rules)
+    abstract = abstract_params(cfg, mesh, rules)
     batch = (jax.ShapeDtypeStruct((global_batch, tokens_per_sample), jnp.int32, sharding=rows),
-             jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=S.batch_sharding(mesh, 1)),
+             jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1, rules=rules)),
              jax.ShapeDtypeStruct((global_batch, windows.block), jnp.int32, sharding=rows))
     t0 = time.perf_counter()
-    with S.activate(mesh, rules), matmul_precision(cfg):
+    with sharding.activate(mesh, rules), matmul_precision(cfg):
         compiled = make_score_step(cfg, mesh, rules, chunk, passes).lower(abstract, *batch).compile()
     param_bytes = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
                       for a in jax.tree.leaves(abstract))
     return {
         "arch": cfg.name,
         "params": cfg.num_params(),
-        "mesh": S.describe(mesh),
+        "mesh": sharding.describe(mesh),
         "param_dtype": cfg.param_dtype,
         "compute_dtype": cfg.compute_dtype,
         "batch_size_per_replica": batch_size,
@@ -492,16 +493,16 @@ def run_eval(data_bin, path, *, split: str = "test", tokens_per_sample: int = RE
              orig_token_count: int | None = None,
              output_token_logprobs=None, devices=None, log=None) -> tuple[dict, EvalResult]:
     """Evaluate checkpoint `path` on DATA_BIN/split; returns (summary dict, EvalResult). The CLIs call this."""
-    from m11b_jax import sharding as S
+    from m11b_jax import sharding
 
     check_output_path(output_token_logprobs)
     dictionary, stream = load_split(data_bin, split)
     windows = ContextWindows(int(stream.size), tokens_per_sample, context_window)
-    mesh = S.make_mesh(model_parallel_size, devices)
+    mesh = sharding.make_mesh(model_parallel_size, devices)
     from m11b_jax.runtime import retain_host_memory_on_cpu
 
     retain_host_memory_on_cpu(mesh)
-    rules = S.logical_rules()
+    rules = sharding.logical_rules()
     cfg, params, ckpt_dict = load_checkpoint(path, mesh, rules, dtype)
     cfg.validate(model_parallel_size, tokens_per_sample=tokens_per_sample)
     check_dictionary(dictionary, stream, cfg, ckpt_dict, data_bin)
@@ -528,8 +529,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Simulated CPU devices for the mesh when JAX has not started yet (a GPU/TPU backend is unaffected).
         if not backends_initialized():
             configure_cpu_devices(max(jax.config.jax_num_cpu_devices, args.model_parallel_size))
-
-        from m11b_jax import sharding as S
 
         cfg = eval_config(load_config(args.arch), args.dtype)
         cfg.validate(args.model_parallel_size, tokens_per_sample=args.tokens_per_sample)

@@ -19,30 +19,36 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from m11b_jax.sharding import DATA, MODEL
+from m11b_jax.axis_names import BATCH, TP_LENGTH, VOCAB
+from m11b_jax.sharding import mesh_axes, mesh_size, spec
 
 
-def _nll_forward(logits, targets):
+def _over(reduce, x, axes):
+    """A collective over the mesh axes the table gives a logical axis; nothing when no axis splits it."""
+    return x if axes is None else reduce(x, axes)
+
+
+def _nll_forward(logits, targets, vocab_axes):
     """Per device: logits [b, t, V/mp] (this device's vocab slice, any float dtype), targets [b, t] (global ids)."""
     v_local = logits.shape[-1]
     l32 = logits.astype(jnp.float32)
-    local_idx = targets - jax.lax.axis_index(MODEL) * v_local
+    local_idx = targets if vocab_axes is None else targets - jax.lax.axis_index(vocab_axes) * v_local
     owned = (local_idx >= 0) & (local_idx < v_local)
     # The max only shifts for stability; it cancels exactly in the result.
-    m = jax.lax.pmax(l32.max(axis=-1), MODEL)
-    sum_exp = jax.lax.psum(jnp.exp(l32 - m[..., None]).sum(axis=-1), MODEL)
+    m = _over(jax.lax.pmax, l32.max(axis=-1), vocab_axes)
+    sum_exp = _over(jax.lax.psum, jnp.exp(l32 - m[..., None]).sum(axis=-1), vocab_axes)
     lse = jnp.log(sum_exp) + m
     picked = jnp.take_along_axis(l32, jnp.clip(local_idx, 0, v_local - 1)[..., None], axis=-1)[..., 0]
-    target_logit = jax.lax.psum(jnp.where(owned, picked, 0.0), MODEL)
+    target_logit = _over(jax.lax.psum, jnp.where(owned, picked, 0.0), vocab_axes)
     return lse - target_logit, (logits, lse, local_idx, owned)
 
 
-@jax.custom_vjp
-def _token_nll(logits, targets):
-    return _nll_forward(logits, targets)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _token_nll(logits, targets, vocab_axes):
+    return _nll_forward(logits, targets, vocab_axes)[0]
 
 
-def _token_nll_bwd(residuals, g):
+def _token_nll_bwd(vocab_axes, residuals, g):
     """d nll / d logits = softmax - onehot, computed from the saved logits and log-sum-exp: no collective, and
     no fp32 copy of the [b, t, V/mp] logits is kept between the forward and the backward pass."""
     logits, lse, local_idx, owned = residuals
@@ -54,20 +60,22 @@ def _token_nll_bwd(residuals, g):
 _token_nll.defvjp(_nll_forward, _token_nll_bwd)
 
 
-def _local_xent(logits, targets, pad_idx):
+def _local_xent(logits, targets, pad_idx, batch_axes, vocab_axes):
     mask = targets != pad_idx
-    nll = _token_nll(logits, targets)
-    loss = jax.lax.psum(jnp.where(mask, nll, 0.0).sum(), DATA)
-    ntokens = jax.lax.psum(mask.sum(dtype=jnp.int32), DATA)
+    nll = _token_nll(logits, targets, vocab_axes)
+    loss = _over(jax.lax.psum, jnp.where(mask, nll, 0.0).sum(), batch_axes)
+    ntokens = _over(jax.lax.psum, mask.sum(dtype=jnp.int32), batch_axes)
     return loss, ntokens
 
 
-def vocab_parallel_cross_entropy(logits: jax.Array, targets: jax.Array, mesh: Mesh, pad_idx: int = 1):
-    """Summed cross-entropy (nats) over non-pad targets, and their count. Logits: [batch, length, vocab]."""
+def vocab_parallel_cross_entropy(logits: jax.Array, targets: jax.Array, mesh: Mesh, rules, pad_idx: int = 1):
+    """Summed cross-entropy (nats) over non-pad targets, and their count. Logits: [batch, length, vocab], laid
+    out as the sharding table `rules` places those axes."""
+    batch_axes, vocab_axes = mesh_axes(BATCH, rules), mesh_axes(VOCAB, rules)
     fn = jax.shard_map(
-        lambda l, t: _local_xent(l, t, pad_idx),
+        partial(_local_xent, pad_idx=pad_idx, batch_axes=batch_axes, vocab_axes=vocab_axes),
         mesh=mesh,
-        in_specs=(P(DATA, None, MODEL), P(DATA, None)),
+        in_specs=(spec((BATCH, TP_LENGTH, VOCAB), rules), spec((BATCH, TP_LENGTH), rules)),
         out_specs=(P(), P()),
     )
     return fn(logits, targets)
@@ -80,18 +88,19 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, pad_idx: int = 1):
     return jnp.where(mask, nll, 0.0).sum(), mask.sum(dtype=jnp.int32)
 
 
-def criterion_fn(name: str, mesh: Mesh, pad_idx: int = 1):
-    if name == "vocab_parallel_cross_entropy" and mesh.shape[MODEL] > 1:
-        return lambda logits, targets: vocab_parallel_cross_entropy(logits, targets, mesh, pad_idx)
-    # Without a model axis the vocabulary is not split and the plain form is the same function (and XLA
-    # fuses it better on CPU); with one it computes the same loss with XLA choosing the collectives.
+def criterion_fn(name: str, mesh: Mesh, rules, pad_idx: int = 1):
+    if name == "vocab_parallel_cross_entropy" and mesh_size(mesh, mesh_axes(VOCAB, rules)) > 1:
+        return lambda logits, targets: vocab_parallel_cross_entropy(logits, targets, mesh, rules, pad_idx)
+    # With the vocabulary not split the plain form is the same function (and XLA fuses it better on CPU);
+    # with it split it computes the same loss with XLA choosing the collectives.
     if name in ("cross_entropy", "vocab_parallel_cross_entropy"):
         return lambda logits, targets: cross_entropy(logits, targets, pad_idx)
     raise ValueError(f"unknown criterion {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fused output projection + cross-entropy (config `loss_impl="fused"`, no model axis).
+# Fused output projection + cross-entropy (config `loss_impl="fused"`, no model axis), composed in the train
+# step from `TransformerLM.output_operands`.
 
 
 # The shift c of exp(logits - c) may be any value close enough to the row max; `_shift_without_max` picks one

@@ -33,6 +33,9 @@ from flax import traverse_util
 
 from m11b_jax.config import DTYPES, ModelConfig
 from m11b_jax.errors import UserError
+from m11b_jax.model import abstract_variables
+from m11b_jax.param_tree import abstract_params
+from m11b_jax.sharding import MODEL, logical_rules
 from m11b_jax.textio import atomic_directory
 
 FORMAT = "m11b_jax.params"
@@ -51,9 +54,7 @@ def numpy_dtype(name: str) -> np.dtype:
 
 def leaf_specs(cfg: ModelConfig) -> dict[LeafPath, tuple[tuple[int, ...], tuple[str | None, ...]]]:
     """Every parameter leaf: path -> (shape, logical axis names), from the model itself (no memory allocated)."""
-    from m11b_jax.model import TransformerLM
-
-    boxed = jax.eval_shape(lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    boxed = abstract_variables(cfg)
     shapes = traverse_util.flatten_dict(nn.unbox(boxed)["params"])
     names = traverse_util.flatten_dict(nn.get_partition_spec(boxed)["params"])
     return {path: (tuple(shapes[path].shape), tuple(names[path])) for path in shapes}
@@ -64,8 +65,6 @@ def leaf_dir_name(path: LeafPath) -> str:
 
 
 def _model_split_names() -> set[str]:
-    from m11b_jax.sharding import MODEL, logical_rules
-
     return {name for name, axis in logical_rules() if axis == MODEL}
 
 
@@ -266,13 +265,11 @@ def _index_key(index: tuple) -> tuple:
 def load_params(path: str | os.PathLike, mesh, rules, dtype=None, cfg: ModelConfig | None = None):
     """Restore a checkpoint onto `mesh` with the sharding table `rules`, reading only this process's slices.
 
-    Each leaf becomes a global jax.Array laid out as `sharding.abstract_params(cfg, mesh, rules)` says; one
+    Each leaf becomes a global jax.Array laid out as `param_tree.abstract_params(cfg, mesh, rules)` says; one
     host slice per distinct device index is read, put on its device(s) and dropped before the next.
     dtype: cast to this (default: `cfg.param_dtype`). cfg: the config to restore into (default: the stored
     one); its shapes must match the checkpoint's.
     """
-    from m11b_jax.sharding import abstract_params
-
     reader = ParamsReader(path)
     cfg = load_model_config(path) if cfg is None else cfg
     target = traverse_util.flatten_dict(abstract_params(cfg, mesh, rules))

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from m11b_jax.attention import causal_allowed
-from m11b_jax.config import ModelConfig, parse_dtype_flag
-from m11b_jax.model import (BATCH, EMBED, HEADS, KV, LENGTH, MLP, SEQ, VOCAB, fairseq_positions, gelu_erf,
-                            sinusoidal_embedding)
+from m11b_jax.axis_names import ACTIVATION_EMBED, BATCH, HEAD_DIM, HEADS, MLP, RESIDUAL_LENGTH, TP_LENGTH, VOCAB
+from m11b_jax.config import ModelConfig, jax_dtype
+from m11b_jax.model import fairseq_positions, gelu_erf, sinusoidal_embedding
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, as in model.py: a fully masked row stays finite
 
@@ -69,13 +69,13 @@ def _attend(q, k, v, allowed):
 
 def _layer(p, x, key_mask, cfg: ModelConfig, attention_chunk: int, query_index=None):
     """One pre-LN decoder layer. Returns the residual stream at every position, or at `query_index` [b, n]."""
-    cdt = parse_dtype_flag(cfg.compute_dtype)
+    cdt = jax_dtype(cfg.compute_dtype)
     b, t, d = x.shape
     h, hd = cfg.num_heads, cfg.head_dim
 
     def heads(y):  # [b, n, d] -> [b, h, n, hd]
         y = y.reshape(b, y.shape[1], h, hd).transpose(0, 2, 1, 3)
-        return nn.with_logical_constraint(y, (BATCH, HEADS, SEQ, KV))
+        return nn.with_logical_constraint(y, (BATCH, HEADS, TP_LENGTH, HEAD_DIM))
 
     a = p["self_attn"]
     y = _layer_norm(x, p["self_attn_layer_norm"], cfg.layernorm_eps).astype(cdt)
@@ -95,12 +95,12 @@ def _layer(p, x, key_mask, cfg: ModelConfig, attention_chunk: int, query_index=N
         allowed = (jnp.arange(t)[None, None, :] <= query_index[:, :, None])[:, None] & key_mask[:, None, None, :]
         out = _attend(q, k, v, allowed)
     n = xq.shape[1]
-    out = nn.with_logical_constraint(out, (BATCH, HEADS, SEQ, KV)).transpose(0, 2, 1, 3).reshape(b, n, d)
-    residual = (BATCH, LENGTH, EMBED)
+    out = nn.with_logical_constraint(out, (BATCH, HEADS, TP_LENGTH, HEAD_DIM)).transpose(0, 2, 1, 3).reshape(b, n, d)
+    residual = (BATCH, RESIDUAL_LENGTH, ACTIVATION_EMBED)
     xq = nn.with_logical_constraint(xq + _dense(out, a["out_proj"], cdt).astype(xq.dtype), residual)
 
     y = _layer_norm(xq, p["final_layer_norm"], cfg.layernorm_eps).astype(cdt)
-    y = nn.with_logical_constraint(_dense(y, p["fc1"], cdt), (BATCH, SEQ, MLP))
+    y = nn.with_logical_constraint(_dense(y, p["fc1"], cdt), (BATCH, TP_LENGTH, MLP))
     y = gelu_erf(y.astype(jnp.float32)).astype(cdt)
     return nn.with_logical_constraint(xq + _dense(y, p["fc2"], cdt).astype(xq.dtype), residual)
 
@@ -117,18 +117,18 @@ def score_positions(params, tokens, first, targets, cfg: ModelConfig, *, attenti
     first [b] int: the first scored position of each row, targets [b, n] int. Positions first + j past
     the end of a row (T) are clamped and must carry a pad target.
     """
-    cdt = parse_dtype_flag(cfg.compute_dtype)
-    pdt = parse_dtype_flag(cfg.param_dtype)
+    cdt = jax_dtype(cfg.compute_dtype)
+    pdt = jax_dtype(cfg.param_dtype)
     b, t = tokens.shape
     n = targets.shape[1]
     if attention_chunk < 1:
         raise ValueError(f"attention_chunk must be >= 1, got {attention_chunk}")
-    tokens = nn.with_logical_constraint(tokens, (BATCH, SEQ))
+    tokens = nn.with_logical_constraint(tokens, (BATCH, TP_LENGTH))
     key_mask = tokens != cfg.pad_idx
     embed = params["embed_tokens"]
     x = math.sqrt(cfg.d_model) * jnp.take(embed, tokens, axis=0).astype(jnp.float32)
     x = x + sinusoidal_embedding(fairseq_positions(tokens, cfg.pad_idx), cfg.d_model, cfg.pad_idx)
-    x = nn.with_logical_constraint(x.astype(jnp.promote_types(cdt, pdt)), (BATCH, LENGTH, EMBED))
+    x = nn.with_logical_constraint(x.astype(jnp.promote_types(cdt, pdt)), (BATCH, RESIDUAL_LENGTH, ACTIVATION_EMBED))
 
     layers = params["layers"]
     last = cfg.num_layers - 1
@@ -141,10 +141,10 @@ def score_positions(params, tokens, first, targets, cfg: ModelConfig, *, attenti
     query_index = jnp.minimum(first[:, None] + jnp.arange(n)[None, :], t - 1)
     x = _layer(_layer_params(layers, last), x, key_mask, cfg, attention_chunk, query_index=query_index)
     hidden = _layer_norm(x, params["layer_norm"], cfg.layernorm_eps).astype(cdt)
-    hidden = nn.with_logical_constraint(hidden, (BATCH, SEQ, EMBED))
+    hidden = nn.with_logical_constraint(hidden, (BATCH, TP_LENGTH, ACTIVATION_EMBED))
 
     logits = jnp.einsum("bnd,vd->bnv", hidden, embed.astype(cdt), preferred_element_type=jnp.float32)
-    logits = nn.with_logical_constraint(logits, (BATCH, SEQ, VOCAB))
+    logits = nn.with_logical_constraint(logits, (BATCH, TP_LENGTH, VOCAB))
     top = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
     log_total = jnp.log(jnp.exp(logits - top).sum(-1)) + top[..., 0]
     vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)

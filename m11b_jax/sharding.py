@@ -1,4 +1,4 @@
-"""The device mesh, the ONE table from logical axis names to mesh axes, and sharded parameter creation.
+"""The device mesh and the ONE table from logical axis names to mesh axes; every PartitionSpec comes from it.
 
 Mesh axes: `data` (replicas; the batch is split over it) x `model` (Megatron intra-layer parallelism).
 With the default table, on the `model` axis:
@@ -6,7 +6,8 @@ With the default table, on the `model` axis:
   - out_proj and fc2 are row-parallel (their input features are split; XLA all-reduces their output),
   - the tied embedding is vocab-parallel (rows split), so the logits come out split over the vocabulary,
   - LayerNorms and biases of row-parallel layers are replicated.
-Changing the parallelism scheme is a change to `logical_rules`, never to the model.
+Changing the parallelism scheme is a change to `logical_rules`, never to the model. Nothing here imports the
+model: `m11b_jax.param_tree` applies this table to the model's parameter tree.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from m11b_jax.config import ModelConfig
+from m11b_jax.axis_names import (ACTIVATION_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, MLP, RESIDUAL_LENGTH,
+                                 TP_LENGTH, VOCAB)
 from m11b_jax.errors import UserError
 
 DATA, MODEL = "data", "model"
@@ -36,22 +37,41 @@ def logical_rules(sequence_parallel: bool = False, fsdp: bool = False) -> tuple[
     fsdp: additionally split every weight's `embed` axis over `data` (ZeRO-3 style); off for the release.
     """
     return (
-        # parameters
-        ("vocab", MODEL),
-        ("heads", MODEL),
-        ("mlp", MODEL),
-        ("embed", DATA if fsdp else None),
-        ("layers", None),
+        # parameters, and the activation axes computed along them
+        (VOCAB, MODEL),
+        (HEADS, MODEL),
+        (MLP, MODEL),
+        (EMBED, DATA if fsdp else None),
+        (LAYERS, None),
         # activations
-        ("activation_batch", DATA),
-        ("activation_length", MODEL if sequence_parallel else None),
-        ("activation_seq", None),
-        ("activation_embed", None),
-        ("activation_heads", MODEL),
-        ("activation_kv", None),
-        ("activation_mlp", MODEL),
-        ("activation_vocab", MODEL),
+        (BATCH, DATA),
+        (RESIDUAL_LENGTH, MODEL if sequence_parallel else None),
+        (TP_LENGTH, None),
+        (ACTIVATION_EMBED, None),
+        (HEAD_DIM, None),
     )
+
+
+def spec(logical_axes: Sequence[str | None], rules) -> P:
+    """The PartitionSpec of an array whose axes have these logical names (None: an axis no rule splits)."""
+    return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+
+
+def named_sharding(mesh: Mesh, rules, logical_axes: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, spec(logical_axes, rules))
+
+
+def mesh_axes(logical_name: str, rules):
+    """The mesh axis (or axes, or None) the table maps one logical axis to: the axis names of the collectives
+    that reduce over it inside `shard_map`."""
+    return spec((logical_name,), rules)[0]
+
+
+def mesh_size(mesh: Mesh, axes) -> int:
+    """How many shards `mesh_axes(...)`'s answer splits an axis into."""
+    if axes is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
 
 
 def make_mesh(model_parallel_size: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -81,56 +101,9 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules):
     return nn.logical_to_mesh_sharding(logical_tree, mesh, rules)
 
 
-def _boxed_abstract(cfg: ModelConfig, tokens_shape=(1, 8)):
-    from m11b_jax.model import TransformerLM
-
-    tokens = jax.ShapeDtypeStruct(tokens_shape, jnp.int32)
-    return jax.eval_shape(lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))
-
-
-def param_logical_specs(cfg: ModelConfig):
-    """The parameter tree of logical PartitionSpecs (e.g. ('layers', 'embed', 'heads'))."""
-    return nn.get_partition_spec(_boxed_abstract(cfg))["params"]
-
-
-def abstract_params(cfg: ModelConfig, mesh: Mesh, rules):
-    """The parameter tree as ShapeDtypeStructs carrying their NamedShardings: no memory is allocated.
-
-    This one tree is the init target, the converter's target and the checkpoint restore target.
-    """
-    boxed = _boxed_abstract(cfg)["params"]
-    # Take the values out of their boxes without applying constraints (this runs outside any trace).
-    shapes = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
-                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    shardings = logical_to_sharding(param_logical_specs(cfg), mesh, rules)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules):
-    return jax.tree.map(lambda a: a.sharding, abstract_params(cfg, mesh, rules))
-
-
-def init_params(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0):
-    """Materialize the parameters with ONE jitted init whose out_shardings place every shard on its device.
-
-    No host or device ever holds a full copy: XLA partitions the initializer itself.
-    """
-    from m11b_jax.model import TransformerLM
-
-    shardings = param_shardings(cfg, mesh, rules)
-
-    @jax.jit
-    def _init(key):
-        tokens = jnp.zeros((1, 8), jnp.int32)
-        return nn.unbox(TransformerLM(cfg).init(key, tokens))["params"]
-
-    with activate(mesh, rules):
-        return jax.jit(_init, out_shardings=shardings)(jax.random.key(seed))
-
-
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Token batches [batch, length, ...]: batch split over `data`, replicated over `model`."""
-    return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, *, rules) -> NamedSharding:
+    """Token batches [batch, length, ...]: the batch axis as the table places it (default: over `data`)."""
+    return named_sharding(mesh, rules, (BATCH, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

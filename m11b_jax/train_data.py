@@ -19,9 +19,10 @@ from typing import Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from m11b_jax import sharding as S
+from m11b_jax import sharding
+from m11b_jax.axis_names import BATCH
 from m11b_jax.blocks import BlockBatcher, TokenBlocks, iter_batches
 from m11b_jax.dictionary import Dictionary
 from m11b_jax.errors import UserError
@@ -66,16 +67,17 @@ def host_data_share(mesh: Mesh) -> tuple[int, int]:
 
 
 def global_batch_size(batch_size: int, mesh: Mesh) -> int:
-    return batch_size * mesh.shape[S.DATA]
+    return batch_size * mesh.shape[sharding.DATA]
 
 
-def to_global(local: dict[str, np.ndarray], mesh: Mesh, global_rows: int) -> dict[str, jax.Array]:
-    """Assemble each process's rows into global arrays sharded over `data` (rows are dimension -2)."""
+def to_global(local: dict[str, np.ndarray], mesh: Mesh, global_rows: int, rules) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays, rows (dimension -2) placed as the table places the
+    batch axis (default: over `data`)."""
     out = {}
     for name, arr in local.items():
-        spec = P(*([None] * (arr.ndim - 2)), S.DATA, None)
+        placement = sharding.named_sharding(mesh, rules, (*([None] * (arr.ndim - 2)), BATCH, None))
         shape = (*arr.shape[:-2], global_rows, arr.shape[-1])
-        out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), arr, shape)
+        out[name] = jax.make_array_from_process_local_data(placement, arr, shape)
     return out
 
 
@@ -87,8 +89,8 @@ class TrainBatches:
     """
 
     def __init__(self, blocks: TokenBlocks, mesh: Mesh, batch_size: int, update_freq: int, seed: int,
-                 prefetch: int = 0):
-        self.mesh = mesh
+                 prefetch: int = 0, *, rules):
+        self.mesh, self.rules = mesh, rules
         self.update_freq = update_freq
         self.global_rows = global_batch_size(batch_size, mesh)
         num_shards, shard_index = host_data_share(mesh)
@@ -140,7 +142,7 @@ class TrainBatches:
                 raise item
             local, state = item
         self._state = state
-        return to_global(local, self.mesh, self.global_rows)
+        return to_global(local, self.mesh, self.global_rows, self.rules)
 
     def close(self) -> None:
         self._stop.set()
@@ -149,9 +151,9 @@ class TrainBatches:
             self._thread = None
 
 
-def valid_batches(blocks: TokenBlocks, mesh: Mesh, batch_size: int) -> Iterator[dict[str, jax.Array]]:
+def valid_batches(blocks: TokenBlocks, mesh: Mesh, batch_size: int, rules) -> Iterator[dict[str, jax.Array]]:
     """Every block of a split once, in order, as global [global_batch, T] arrays (last batch padded)."""
     rows = global_batch_size(batch_size, mesh)
     num_shards, shard_index = host_data_share(mesh)
     for local in iter_batches(blocks, rows, num_shards=num_shards, shard_index=shard_index):
-        yield to_global(local, mesh, rows)
+        yield to_global(local, mesh, rows, rules)

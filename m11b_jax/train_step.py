@@ -13,12 +13,14 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from m11b_jax import sharding as S
+from m11b_jax import sharding
+from m11b_jax.axis_names import BATCH
 from m11b_jax.config import ModelConfig
-from m11b_jax.loss import criterion_fn
-from m11b_jax.model import TransformerLM
+from m11b_jax.loss import criterion_fn, output_cross_entropy
+from m11b_jax.model import TransformerLM, init_variables
+from m11b_jax.param_tree import abstract_params, param_shardings
 from m11b_jax.optim import FairseqAdamState, clip_by_global_norm_fairseq, fairseq_adam, inverse_sqrt_schedule
 
 
@@ -50,14 +52,14 @@ class TrainState:
 
 def state_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> TrainState:
     """Adam moments are sharded like their parameters; counters are replicated."""
-    ps = S.param_shardings(cfg, mesh, rules)
-    rep = S.replicated(mesh)
+    ps = param_shardings(cfg, mesh, rules)
+    rep = sharding.replicated(mesh)
     return TrainState(step=rep, params=ps, opt_state=FairseqAdamState(count=rep, mu=ps, nu=ps))
 
 
 def abstract_train_state(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the whole train state: nothing is allocated."""
-    params = S.abstract_params(cfg, mesh, rules)
+    params = abstract_params(cfg, mesh, rules)
     shapes = jax.eval_shape(lambda p: TrainState(jnp.zeros([], jnp.int32), p, ocfg.optimizer().init(p)), params)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, state_shardings(cfg, mesh, rules))
@@ -68,11 +70,11 @@ def init_train_state(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, see
     tx = ocfg.optimizer()
 
     def _init(key):
-        params = flax.linen.unbox(TransformerLM(cfg).init(key, jnp.zeros((1, 8), jnp.int32)))["params"]
+        params = flax.linen.unbox(init_variables(cfg, key))["params"]
         return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
 
     shardings = state_shardings(cfg, mesh, rules)
-    with S.activate(mesh, rules):
+    with sharding.activate(mesh, rules):
         return jax.jit(_init, out_shardings=shardings)(jax.random.key(seed))
 
 
@@ -83,9 +85,9 @@ def state_from_params(params, ocfg: OptimConfig, shardings: TrainState) -> Train
     return make(params)
 
 
-def batch_shardings(mesh: Mesh) -> dict:
-    """Batches are [update_freq, batch, length]: batch split over `data`."""
-    s = NamedSharding(mesh, P(None, S.DATA, None))
+def batch_shardings(mesh: Mesh, rules) -> dict:
+    """Batches are [update_freq, batch, length]: the batch axis as the table places it (default: over `data`)."""
+    s = sharding.named_sharding(mesh, rules, (None, BATCH, None))
     return {"source": s, "target": s}
 
 
@@ -96,18 +98,20 @@ def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, c
     rng_impl: the dropout generator, `threefry2x32` (JAX's default: identical masks on any backend and
     mesh) or `rbg` (XLA's RngBitGenerator: much cheaper on GPUs; deterministic for a given program)."""
     if cfg.loss_impl == "fused":
-        cfg.validate(mesh.shape[S.MODEL])  # the fused loss has no model axis: a one-line error otherwise
+        cfg.validate(mesh.shape[sharding.MODEL])  # the fused loss has no model axis: a one-line error otherwise
     model = TransformerLM(cfg)
     tx = ocfg.optimizer()
-    loss_of = criterion_fn(criterion, mesh, cfg.pad_idx)
+    loss_of = criterion_fn(criterion, mesh, rules, cfg.pad_idx)
     shardings = state_shardings(cfg, mesh, rules)
     base_key = jax.random.key(seed, impl=rng_impl)
     deterministic = cfg.dropout == 0 and cfg.attention_dropout == 0 and cfg.activation_dropout == 0
 
     def micro_loss(params, source, target, key, denom):
-        if cfg.loss_impl == "fused":
-            loss, ntok = model.apply({"params": params}, source, target, deterministic=deterministic,
-                                     rngs={"dropout": key}, method=TransformerLM.output_loss)
+        if cfg.loss_impl == "fused":  # the output projection inside the loss: no logits formed
+            hidden, embed = model.apply({"params": params}, source, deterministic=deterministic,
+                                        rngs={"dropout": key}, method=TransformerLM.output_operands)
+            loss, ntok = output_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), embed, target.reshape(-1),
+                                              cfg.pad_idx)
         else:
             logits = model.apply({"params": params}, source, deterministic=deterministic, rngs={"dropout": key})
             loss, ntok = loss_of(logits, target)  # summed nats, target count
@@ -150,11 +154,11 @@ def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, c
         }
         return new_state, metrics
 
-    jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
-                     out_shardings=(shardings, S.replicated(mesh)), donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(mesh, rules)),
+                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,) if donate else ())
 
     def run(state, batch):
-        with S.activate(mesh, rules):
+        with sharding.activate(mesh, rules):
             return jitted(state, batch)
 
     run.jitted = jitted
@@ -163,20 +167,20 @@ def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, c
 
 
 def _lower(jitted, mesh, rules, state, batch):
-    with S.activate(mesh, rules):
+    with sharding.activate(mesh, rules):
         return jitted.lower(state, batch)
 
 
 def make_eval_loss(cfg: ModelConfig, mesh: Mesh, rules, criterion: str = "vocab_parallel_cross_entropy"):
     """Jitted `(params, source, target) -> (summed nats, ntokens)` without dropout, for validation."""
     model = TransformerLM(cfg)
-    loss_of = criterion_fn(criterion, mesh, cfg.pad_idx)
-    bs = NamedSharding(mesh, P(S.DATA, None))
+    loss_of = criterion_fn(criterion, mesh, rules, cfg.pad_idx)
+    bs = sharding.batch_sharding(mesh, 2, rules=rules)
     f = jax.jit(lambda p, s, t: loss_of(model.apply({"params": p}, s, deterministic=True), t),
-                in_shardings=(S.param_shardings(cfg, mesh, rules), bs, bs), out_shardings=S.replicated(mesh))
+                in_shardings=(param_shardings(cfg, mesh, rules), bs, bs), out_shardings=sharding.replicated(mesh))
 
     def run(params, source, target):
-        with S.activate(mesh, rules):
+        with sharding.activate(mesh, rules):
             return f(params, source, target)
 
     return run

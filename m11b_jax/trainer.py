@@ -26,8 +26,7 @@ import jax
 
 from m11b_jax import checkpoint as ckpt
 from m11b_jax import runtime
-from m11b_jax import sharding as S
-from m11b_jax import train_data as D
+from m11b_jax import sharding, train_data
 from m11b_jax.config import analytic_train_flops
 from m11b_jax.errors import UserError
 from m11b_jax.train_metrics import MetricsLogger, base2_ppl, mfu, peak_flops
@@ -112,18 +111,20 @@ class Trainer:
             self.data_path = str(ensure_offline_corpus())
         else:
             self.data_path = run.data
-        self.dictionary = D.load_dictionary(self.data_path, self.cfg.vocab_size)
-        self.train_blocks = D.load_split(self.data_path, a.train_subset, run.tokens_per_sample, "--train-subset")
+        self.dictionary = train_data.load_dictionary(self.data_path, self.cfg.vocab_size)
+        self.train_blocks = train_data.load_split(self.data_path, a.train_subset, run.tokens_per_sample,
+                                                  "--train-subset")
         self.valid_sets = [] if a.disable_validation else [
-            (name, D.load_split(self.data_path, name, run.tokens_per_sample, "--valid-subset (or --disable-validation)"))
+            (name, train_data.load_split(self.data_path, name, run.tokens_per_sample,
+                                         "--valid-subset (or --disable-validation)"))
             for name in a.valid_subset.split(",") if name]
         self.save_dir = ckpt.check_writable(a.save_dir).absolute()
 
-        self.mesh = S.make_mesh(run.model_parallel_size)
+        self.mesh = sharding.make_mesh(run.model_parallel_size)
         runtime.retain_host_memory_on_cpu(self.mesh)  # reuse each step's host buffers, not page-fault them in again
-        self.rules = S.logical_rules(sequence_parallel=run.sequence_parallel)
-        self.batches = D.TrainBatches(self.train_blocks, self.mesh, run.batch_size, run.update_freq, seed=a.seed,
-                                      prefetch=a.num_workers)
+        self.rules = sharding.logical_rules(sequence_parallel=run.sequence_parallel)
+        self.batches = train_data.TrainBatches(self.train_blocks, self.mesh, run.batch_size, run.update_freq,
+                                               seed=a.seed, prefetch=a.num_workers, rules=self.rules)
         self.seed = a.seed
         self.start, self.resumed_from = 0, None
         self.state = self._restore_or_init()
@@ -174,7 +175,7 @@ class Trainer:
             saved = params_io.load_model_config(a.finetune_from_model)
             ckpt.check_compatible({"model_config": dataclasses.asdict(saved)}, dataclasses.asdict(cfg),
                                   a.finetune_from_model)
-            with S.activate(mesh, rules):
+            with sharding.activate(mesh, rules):
                 params = params_io.load_params(a.finetune_from_model, mesh, rules, cfg=cfg)
             return state_from_params(params, ocfg, state_shardings(cfg, mesh, rules))
         return init_train_state(cfg, mesh, rules, ocfg, seed=self.seed)
@@ -185,7 +186,7 @@ class Trainer:
         saved = int(meta.get("data", {}).get("global_batch_size", rows))
         if saved == rows:
             return
-        d = self.mesh.shape[S.DATA]
+        d = self.mesh.shape[sharding.DATA]
         fix = (f"pass --batch-size {saved // d}" if saved % d == 0 else
                f"its global batch is not divisible by the data axis ({d} = devices / --model-parallel-size); pick a "
                "--model-parallel-size that makes it so")
@@ -210,7 +211,7 @@ class Trainer:
         for name, blocks in self.valid_sets:
             t0 = time.perf_counter()
             nll = ntok = 0.0
-            for b in D.valid_batches(blocks, self.mesh, self.run_cfg.batch_size_valid):
+            for b in train_data.valid_batches(blocks, self.mesh, self.run_cfg.batch_size_valid, self.rules):
                 # One batch in flight at a time: queuing hundreds of small collective programs on simulated CPU
                 # devices can starve XLA's CPU thread pool (a rendezvous deadlock); the wait costs little.
                 loss_sum, count = jax.device_get(self.eval_fn(self.state.params, b["source"], b["target"]))
@@ -289,7 +290,7 @@ class Trainer:
             f"{self.data_path} ({self.train_blocks.num_tokens} train tokens, {len(self.dictionary)} symbols)"
             + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
         if jax.process_count() > 1:  # every process says which rows it reads
-            n_shards, shard = D.host_data_share(self.mesh)
+            n_shards, shard = train_data.host_data_share(self.mesh)
             print(f"| process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local "
                   f"devices, reads data shard {shard} of {n_shards} ({rows // n_shards} of the {rows} rows of each "
                   "global batch)", file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m11b_jax import sharding as S
+from m11b_jax import param_tree, sharding
 from m11b_jax.attention import causal_attention
 from m11b_jax.config import load_config
 from m11b_jax.errors import UserError
@@ -64,7 +64,7 @@ def test_model_manual_equals_autodiff(dropout):
     cfg = load_config("tiny", dropout=dropout, attention_dropout=dropout, vocab_size=512, max_positions=256)
     tok = _batch(t=256)
     tgt = np.where(tok == PAD, PAD, np.roll(tok, -1, axis=1))
-    params = S.init_params(cfg, S.make_mesh(1, jax.devices()[:1]), S.logical_rules(), seed=3)
+    params = param_tree.init_params(cfg, sharding.make_mesh(1, jax.devices()[:1]), sharding.logical_rules(), seed=3)
 
     def loss(impl, p):
         logits = TransformerLM(cfg.replace(attention_impl=impl)).apply(
@@ -90,15 +90,15 @@ def test_manual_attention_on_meshes(shape):
     cfg = load_config("tiny", dropout=0.0, attention_dropout=0.0, vocab_size=512, max_positions=64,
                       attention_impl="manual")
     tok = np.concatenate([_batch(seed=1), _batch(seed=2)])
-    params = jax.device_get(S.init_params(cfg, S.make_mesh(1, jax.devices()[:1]), S.logical_rules(), seed=5))
+    params = jax.device_get(param_tree.init_params(cfg, sharding.make_mesh(1, jax.devices()[:1]), sharding.logical_rules(), seed=5))
     expect = np.asarray(TransformerLM(cfg).apply({"params": params}, jnp.asarray(tok)))
     data, model = shape
-    mesh = S.make_mesh(model, jax.devices()[: data * model])
-    rules = S.logical_rules(sequence_parallel=True)
-    with S.activate(mesh, rules):
+    mesh = sharding.make_mesh(model, jax.devices()[: data * model])
+    rules = sharding.logical_rules(sequence_parallel=True)
+    with sharding.activate(mesh, rules):
         got = jax.jit(lambda p, t: TransformerLM(cfg).apply({"params": p}, t),
-                      in_shardings=(S.param_shardings(cfg, mesh, rules), S.batch_sharding(mesh)))(
-            jax.device_put(params, S.param_shardings(cfg, mesh, rules)), tok)
+                      in_shardings=(param_tree.param_shardings(cfg, mesh, rules), sharding.batch_sharding(mesh, rules=rules)))(
+            jax.device_put(params, param_tree.param_shardings(cfg, mesh, rules)), tok)
     real = tok != PAD
     np.testing.assert_allclose(np.asarray(got)[real], expect[real], atol=2e-5, rtol=0)
 

@@ -119,13 +119,13 @@ def test_finetune_from_converted_params_then_resume(data, tmp_path):
     """--finetune-from-model: converted parameters + fresh Adam state. Converting the seed-5 initialization and
     fine-tuning from it must reproduce a from-scratch --seed 5 run exactly; once the save dir holds a
     checkpoint, the run resumes from it instead."""
-    from m11b_jax import sharding as S
+    from m11b_jax import param_tree, sharding
     from m11b_jax.config import load_config
     from m11b_jax.params_io import save_params
 
     cfg = load_config("tiny")
-    mesh = S.make_mesh(2)
-    converted = save_params(S.init_params(cfg, mesh, S.logical_rules(), seed=5), tmp_path / "converted", cfg)
+    mesh = sharding.make_mesh(2)
+    converted = save_params(param_tree.init_params(cfg, mesh, sharding.logical_rules(), seed=5), tmp_path / "converted", cfg)
     common = ("--seed", "5", "--disable-validation")
     scratch = run(base_args(data, tmp_path / "a", *common, "--no-save", max_update=3))
     tuned = run(base_args(data, tmp_path / "b", *common, "--finetune-from-model", str(converted), max_update=3))

@@ -22,7 +22,8 @@ from m11b_jax.config import ModelConfig
 from m11b_jax.dictionary import Dictionary
 from m11b_jax.indexed_dataset import dtype_for_vocab, write_dataset
 from m11b_jax.params_io import save_params
-from m11b_jax.sharding import init_params, logical_rules, make_mesh
+from m11b_jax.param_tree import init_params
+from m11b_jax.sharding import logical_rules, make_mesh
 from xglm_reference import xglm_from_params, xglm_logits
 
 CFG = ModelConfig(name="eval-tiny", vocab_size=64, d_model=32, ffn_dim=64, num_layers=2, num_heads=8,

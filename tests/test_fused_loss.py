@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from m11b_jax import sharding as S
+from m11b_jax import sharding
 from m11b_jax.config import load_config
 from m11b_jax.errors import UserError
 from m11b_jax.loss import _shift_without_max, cross_entropy, output_cross_entropy
@@ -29,9 +29,9 @@ def _problem(n=96, d=32, vocab=200, scale=3.0):
 @pytest.mark.parametrize("data", [1, 8])
 def test_fused_loss_equals_cross_entropy_of_the_logits_value_and_gradients(data):
     hidden, embed, targets = _problem()
-    mesh = S.make_mesh(1, jax.devices()[:data])
-    hidden_s = jax.device_put(hidden, NamedSharding(mesh, P(S.DATA, None)))
-    targets_s = jax.device_put(targets, NamedSharding(mesh, P(S.DATA)))
+    mesh = sharding.make_mesh(1, jax.devices()[:data])
+    hidden_s = jax.device_put(hidden, NamedSharding(mesh, P(sharding.DATA, None)))
+    targets_s = jax.device_put(targets, NamedSharding(mesh, P(sharding.DATA)))
 
     def ref(h, e):
         return cross_entropy(h @ e.T, targets, PAD)[0]
@@ -99,12 +99,12 @@ def test_fused_loss_in_the_model_and_the_train_step_equals_the_logits_path():
         logits = TransformerLM(cfg).apply({"params": p}, source, deterministic=False, rngs={"dropout": key})
         return cross_entropy(logits, target, PAD)[0]
 
-    def loss_fused(p):
-        return TransformerLM(cfg.replace(loss_impl="fused")).apply(
-            {"params": p}, source, target, deterministic=False, rngs={"dropout": key},
-            method=TransformerLM.output_loss)[0]
+    def loss_fused(p):  # as the train step composes it
+        hidden, embed = TransformerLM(cfg.replace(loss_impl="fused")).apply(
+            {"params": p}, source, deterministic=False, rngs={"dropout": key}, method=TransformerLM.output_operands)
+        return output_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), embed, target.reshape(-1), PAD)[0]
 
-    with S.activate(mesh, rules):
+    with sharding.activate(mesh, rules):
         (v_ref, g_ref), (v_fused, g_fused) = (jax.jit(jax.value_and_grad(f))(params) for f in (loss_logits, loss_fused))
     np.testing.assert_allclose(v_fused, v_ref, rtol=1e-6)
     # Summed-loss gradients (entries up to ~3; the key bias's are 0 up to rounding): fp32 summation-order
@@ -113,7 +113,7 @@ def test_fused_loss_in_the_model_and_the_train_step_equals_the_logits_path():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * scale), g_fused, g_ref)
 
     ocfg = OptimConfig(lr=1e-3, warmup_updates=0, weight_decay=0.01, clip_norm=0.5)
-    bs = batch_shardings(mesh)
+    bs = batch_shardings(mesh, rules)
     batch = {"source": jax.device_put(source[None], bs["source"]), "target": jax.device_put(target[None], bs["target"])}
     metrics = {}
     for impl in ("logits", "fused"):
@@ -127,6 +127,6 @@ def test_fused_loss_in_the_model_and_the_train_step_equals_the_logits_path():
 def test_fused_loss_with_a_model_axis_is_a_clear_error():
     cfg = load_config("tiny", loss_impl="fused")
     with pytest.raises(UserError, match=r"loss_impl='fused' works without a model axis.*--model-parallel-size 1"):
-        make_train_step(cfg, S.make_mesh(2), S.logical_rules(), OptimConfig())
+        make_train_step(cfg, sharding.make_mesh(2), sharding.logical_rules(), OptimConfig())
     with pytest.raises(UserError, match=r"unknown loss_impl 'chunked': choose one of logits, fused"):
         load_config("tiny", loss_impl="chunked").validate()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from m11b_jax import sharding as S
+from m11b_jax import param_tree, sharding
 from m11b_jax.config import ModelConfig, load_config
 from m11b_jax.errors import UserError
 from m11b_jax.fairseq_layout import to_fairseq_state_dict
@@ -21,7 +21,7 @@ PAD = 1
 
 def random_params(cfg, seed=0):
     """Random weights everywhere, LayerNorms and biases included, so every term of the forward matters."""
-    params = jax.device_get(S.init_params(cfg, S.make_mesh(1, jax.devices()[:1]), S.logical_rules(), seed=seed))
+    params = jax.device_get(param_tree.init_params(cfg, sharding.make_mesh(1, jax.devices()[:1]), sharding.logical_rules(), seed=seed))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: (x + 0.05 * rng.standard_normal(x.shape)).astype(np.float32), params)
 
@@ -97,19 +97,19 @@ def test_same_logits_on_every_mesh(shape):
     tok = np.concatenate([tok, tok[::-1]])  # 8 rows: divisible by every data axis
     expect = np.asarray(TransformerLM(CFG).apply({"params": params}, jnp.asarray(tok)))
     data, model = shape
-    mesh = S.make_mesh(model, jax.devices()[: data * model])
-    rules = S.logical_rules(sequence_parallel=model > 1)
-    sharded = jax.device_put(params, S.param_shardings(CFG, mesh, rules))
-    with S.activate(mesh, rules):
+    mesh = sharding.make_mesh(model, jax.devices()[: data * model])
+    rules = sharding.logical_rules(sequence_parallel=model > 1)
+    sharded = jax.device_put(params, param_tree.param_shardings(CFG, mesh, rules))
+    with sharding.activate(mesh, rules):
         got = jax.jit(lambda p, t: TransformerLM(CFG).apply({"params": p}, t),
-                      in_shardings=(S.param_shardings(CFG, mesh, rules), S.batch_sharding(mesh)))(sharded, tok)
+                      in_shardings=(param_tree.param_shardings(CFG, mesh, rules), sharding.batch_sharding(mesh, rules=rules)))(sharded, tok)
     real = tok != PAD
     np.testing.assert_allclose(np.asarray(got)[real], expect[real], atol=2e-5, rtol=0)
 
 
 def test_parameters_are_placed_per_the_table_without_full_copies():
-    mesh = S.make_mesh(8)
-    params = S.init_params(CFG, mesh, S.logical_rules())
+    mesh = sharding.make_mesh(8)
+    params = param_tree.init_params(CFG, mesh, sharding.logical_rules())
     d, f, v, L = CFG.d_model, CFG.ffn_dim, CFG.vocab_size, CFG.num_layers
     layers = params["layers"]
     expect = {  # our [in, out] kernels: column-parallel splits `out`, row-parallel splits `in`

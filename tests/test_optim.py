@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from m11b_jax import sharding as S
+from m11b_jax import sharding
 from m11b_jax.config import load_config
 from m11b_jax.optim import clip_by_global_norm_fairseq, fairseq_adam, inverse_sqrt_schedule
 from m11b_jax.train_step import OptimConfig, batch_shardings, init_train_state, make_train_step
@@ -106,15 +106,15 @@ def test_clipping_matches_fairseq_rule():
 def test_update_freq_2_equals_one_big_batch():
     """Two accumulated micro-batches == one batch of both, including the token-count normalization."""
     cfg = load_config("tiny", dropout=0.0, attention_dropout=0.0, max_positions=32)
-    mesh = S.make_mesh(2)  # (4, 2)
-    rules = S.logical_rules()
+    mesh = sharding.make_mesh(2)  # (4, 2)
+    rules = sharding.logical_rules()
     ocfg = OptimConfig(lr=1e-3, warmup_updates=0, weight_decay=0.01, clip_norm=0.5)
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, cfg.vocab_size, size=(2, 8, 32)).astype(np.int32)
     tokens[0, 3, 20:] = 1  # pads (different counts per micro-batch) must not count
     tokens[1, :2, 10:] = 1
     source, target = tokens, np.roll(tokens, -1, axis=-1)
-    bs = batch_shardings(mesh)
+    bs = batch_shardings(mesh, rules)
     results = []
     for k in (2, 1):
         batch = {"source": source.reshape(k, 16 // k, 32), "target": target.reshape(k, 16 // k, 32)}

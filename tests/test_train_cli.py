@@ -160,6 +160,6 @@ def test_retain_host_memory_applies_on_glibc_and_can_be_opted_out(monkeypatch):
     assert runtime.retain_host_memory() is True
     import jax
 
-    from m11b_jax import sharding as S
+    from m11b_jax import sharding
 
-    assert runtime.retain_host_memory_on_cpu(S.make_mesh(1, jax.devices()[:1])) is True  # the CPU test devices
+    assert runtime.retain_host_memory_on_cpu(sharding.make_mesh(1, jax.devices()[:1])) is True  # the CPU test devices

@@ -1,4 +1,4 @@
-"""weight_grad_impl="transposed" (model._matmul_flat_weight_grad): every projection's weight gradient as one 2-D
+"""weight_grad_impl="transposed" (ops.matmul_flat_weight_grad): every projection's weight gradient as one 2-D
 product in the form XLA:CPU runs in YNNPACK. The same gradients as the default on sharded meshes (the parity with
 XGLM's gradients on one device is in tests/test_model.py), and no projection left to XLA:CPU's generic dot kernel."""
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m11b_jax import sharding as S
+from m11b_jax import sharding
 from m11b_jax.config import load_config
 from m11b_jax.loss import cross_entropy
 from m11b_jax.model import TransformerLM
@@ -27,7 +27,7 @@ def test_transposed_weight_grads_equal_the_default_on_sharded_meshes(model_paral
         return lambda p: cross_entropy(model.apply({"params": p}, source, deterministic=False,
                                                    rngs={"dropout": jax.random.key(7)}), target, PAD)[0]
 
-    with S.activate(mesh, rules):
+    with sharding.activate(mesh, rules):
         (v_flat, g_flat), (v_t, g_t) = (jax.jit(jax.value_and_grad(loss(i)))(params) for i in ("flat", "transposed"))
     assert float(v_t) == float(v_flat)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_flat))  # ~10
@@ -39,8 +39,8 @@ def test_no_projection_weight_gradient_runs_in_the_generic_dot_kernel():
     kernel): all run as YNNPACK fusions. If XLA folded the transposes back into the products, this fails."""
     cfg = load_config("tiny", dropout=0.0, attention_dropout=0.0, max_positions=64, scan_layers=False,
                       weight_grad_impl="transposed")
-    mesh = S.make_mesh(1, jax.devices()[:1])
-    rules, ocfg = S.logical_rules(), OptimConfig()
+    mesh = sharding.make_mesh(1, jax.devices()[:1])
+    rules, ocfg = sharding.logical_rules(), OptimConfig()
     state = init_train_state(cfg, mesh, rules, ocfg)
     tokens = np.random.default_rng(0).integers(4, 1024, (1, 4, 65)).astype(np.int32)
     batch = {"source": tokens[:, :, :-1], "target": tokens[:, :, 1:]}
