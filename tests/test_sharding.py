@@ -6,11 +6,14 @@ import numpy as np
 import optax
 import pytest
 
-from m11b_jax import aot
-from m11b_jax import sharding as S
+from m11b_jax import aot, eval_lm, sharding
+from m11b_jax.axis_names import BATCH, TP_LENGTH, VOCAB
 from m11b_jax.config import load_config
 from m11b_jax.errors import UserError
 from m11b_jax.loss import vocab_parallel_cross_entropy
+from m11b_jax.param_tree import init_params, param_shardings
+from m11b_jax.train_step import OptimConfig, batch_shardings, make_eval_loss, make_train_step, state_from_params, \
+    state_shardings
 
 PAD = 1
 
@@ -18,7 +21,7 @@ PAD = 1
 @pytest.mark.parametrize("shape", [(1, 8), (2, 4), (1, 1)])
 def test_vocab_parallel_loss_equals_optax_value_and_gradient(shape):
     data, model = shape
-    mesh = S.make_mesh(model, jax.devices()[: data * model])
+    mesh, rules = sharding.make_mesh(model, jax.devices()[: data * model]), sharding.logical_rules()
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.standard_normal((4, 16, 64)) * 4, jnp.float32)
     targets = rng.integers(0, 64, (4, 16))
@@ -31,19 +34,58 @@ def test_vocab_parallel_loss_equals_optax_value_and_gradient(shape):
         return jnp.where(targets != PAD, nll, 0.0).sum()
 
     def ours(lg):
-        return vocab_parallel_cross_entropy(lg, targets, mesh, PAD)[0]
+        return vocab_parallel_cross_entropy(lg, targets, mesh, rules, PAD)[0]
 
-    sharded = jax.device_put(logits, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model")))
+    sharded = jax.device_put(logits, sharding.named_sharding(mesh, rules, (BATCH, TP_LENGTH, VOCAB)))
     value, grad = jax.jit(jax.value_and_grad(ours))(sharded)
     ref_value, ref_grad = jax.value_and_grad(ref)(logits)
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
     np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
-    assert int(vocab_parallel_cross_entropy(sharded, targets, mesh, PAD)[1]) == int((targets != PAD).sum())
+    assert int(vocab_parallel_cross_entropy(sharded, targets, mesh, rules, PAD)[1]) == int((targets != PAD).sum())
+
+
+def test_where_vocab_lives_is_one_line_of_the_table():
+    """A table whose `vocab` line says "no axis" (the one line changed) replicates the embedding and the logits
+    over `model`; one train step, the validation loss and eval_lm's scores then agree with the default table's."""
+    cfg = load_config("tiny", max_positions=32, dropout=0.0, attention_dropout=0.0)
+    mesh = sharding.make_mesh(2)  # (4, 2)
+    default = sharding.logical_rules()
+    no_vocab = tuple((name, None if name == VOCAB else axis) for name, axis in default)
+    assert sum(a != b for a, b in zip(default, no_vocab)) == 1
+    tokens = np.random.default_rng(1).integers(4, cfg.vocab_size, size=(8, 33)).astype(np.int32)
+    tokens[5, 25:] = PAD
+    stream = np.random.default_rng(2).integers(4, cfg.vocab_size, size=150)
+    windows = eval_lm.ContextWindows(len(stream), tokens_per_sample=32, context_window=16)
+    ocfg = OptimConfig(lr=1e-3, warmup_updates=0, clip_norm=0.5)
+    params = jax.device_get(init_params(cfg, mesh, default, seed=4))
+    out = {}
+    for name, rules in (("default", default), ("no_vocab", no_vocab)):
+        placed = jax.device_put(params, param_shardings(cfg, mesh, rules))
+        rows = sharding.batch_sharding(mesh, 2, rules=rules)
+        valid = make_eval_loss(cfg, mesh, rules)(placed, jax.device_put(tokens[:, :-1], rows),
+                                                 jax.device_put(tokens[:, 1:], rows))
+        scores = eval_lm.evaluate(placed, cfg, stream, windows, mesh, rules, batch_size=2, passes=1).token_logprobs
+        bs = batch_shardings(mesh, rules)
+        batch = {"source": jax.device_put(tokens[None, :, :-1], bs["source"]),
+                 "target": jax.device_put(tokens[None, :, 1:], bs["target"])}
+        state = state_from_params(placed, ocfg, state_shardings(cfg, mesh, rules))
+        state, metrics = make_train_step(cfg, mesh, rules, ocfg)(state, batch)
+        out[name] = (placed["embed_tokens"].sharding.spec, jax.device_get((valid, scores, metrics, state.params)))
+    assert out["default"][0] == jax.sharding.PartitionSpec("model", None)
+    assert out["no_vocab"][0] == jax.sharding.PartitionSpec(None, None)
+    (valid, scores, metrics, new_params), (valid_n, scores_n, metrics_n, new_params_n) = (
+        out["default"][1], out["no_vocab"][1])
+    np.testing.assert_allclose(valid_n[0], valid[0], rtol=1e-6)
+    assert int(valid_n[1]) == int(valid[1]) == int((tokens[:, 1:] != PAD).sum())
+    np.testing.assert_allclose(scores_n, scores, rtol=1e-5, atol=1e-5)
+    for k in ("loss", "gnorm"):
+        np.testing.assert_allclose(metrics_n[k], metrics[k], rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), new_params_n, new_params)
 
 
 def _compile_tiny(policy, sequence_parallel, layers=4):
     cfg = load_config("tiny", remat_policy=policy, num_layers=layers)
-    compiled, _ = aot.compile_train_step(cfg, S.make_mesh(8), batch_size=4, tokens_per_sample=64,
+    compiled, _ = aot.compile_train_step(cfg, sharding.make_mesh(8), batch_size=4, tokens_per_sample=64,
                                          sequence_parallel=sequence_parallel)
     return cfg, compiled.as_text()
 
@@ -95,7 +137,7 @@ def test_collective_parser_reads_xla_group_forms():
 def test_full_size_train_step_compiles_and_fits_80gb():
     """The release (11.03B params) on a (1, 8) mesh at 8 x 1024 tokens, compiled from abstract inputs."""
     cfg = load_config("transformer_lm_megatron_11b", compute_dtype="bfloat16")
-    report = aot.compile_report(cfg, S.make_mesh(8), batch_size=8, tokens_per_sample=1024, sequence_parallel=True)
+    report = aot.compile_report(cfg, sharding.make_mesh(8), batch_size=8, tokens_per_sample=1024, sequence_parallel=True)
     assert report["params"] == cfg.num_params() and abs(report["params"] - 11.03e9) < 0.01e9
     mem = report["per_device_bytes"]
     # Params + two Adam moments (fp32) are arguments, 1/8 each per device.
