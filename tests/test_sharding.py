@@ -80,7 +80,9 @@ def test_where_vocab_lives_is_one_line_of_the_table():
     np.testing.assert_allclose(scores_n, scores, rtol=1e-5, atol=1e-5)
     for k in ("loss", "gnorm"):
         np.testing.assert_allclose(metrics_n[k], metrics[k], rtol=1e-5, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), new_params_n, new_params)
+    # Adam's first step moves each weight by about lr * sign(gradient): where a gradient is ~0 its rounding decides
+    # the sign (4 of the embedding's 131072 entries here). The two updates agree to 1% of one step.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0.01 * ocfg.lr), new_params_n, new_params)
 
 
 def _compile_tiny(policy, sequence_parallel, layers=4):
