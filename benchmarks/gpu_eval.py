@@ -55,8 +55,10 @@ def main() -> None:
     import jax
 
     from m11b_jax import param_tree, sharding
+    from m11b_jax.aot import compile_eval_report
     from m11b_jax.config import ModelConfig, load_config
-    from m11b_jax.eval_lm import ContextWindows, compile_only_report, eval_config, evaluate
+    from m11b_jax.eval_lm import ContextWindows, evaluate
+    from m11b_jax.params_io import eval_config
 
     results: dict = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
@@ -113,7 +115,7 @@ def main() -> None:
 
     def memory_11b():
         cfg = eval_config(load_config("transformer_lm_megatron_11b"), "bfloat16")
-        report = compile_only_report(cfg, mesh, batch_size=8, tokens_per_sample=T, context_window=C)
+        report = compile_eval_report(cfg, mesh, batch_size=8, tokens_per_sample=T, context_window=C)
         report["per_device_gib"] = {k: round(v / 2**30, 2) for k, v in report["per_device_bytes"].items()}
         return report
 

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of the real-size train step, without allocating it: memory, collectives, FLOPs.
+"""Ahead-of-time compile of the real-size train and eval steps, without allocating them: memory, collectives, FLOPs.
 
 The step is lowered from abstract inputs (ShapeDtypeStructs carrying shardings) and compiled for the
 devices of the mesh: 8 simulated CPU devices, or a GPU described by a target description (no GPU needed).
@@ -12,10 +12,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from m11b_jax import sharding
 from m11b_jax.config import ModelConfig, analytic_train_flops
 from m11b_jax.errors import UserError
+from m11b_jax.param_tree import abstract_params
+from m11b_jax.score_step import default_attention_chunk, default_passes, make_score_step, matmul_precision
 from m11b_jax.train_step import OptimConfig, abstract_train_state, batch_shardings, make_train_step
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -135,6 +138,44 @@ def compile_report(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample
         "sequence_parallel": sequence_parallel,
         "param_dtype": cfg.param_dtype,
         "compute_dtype": cfg.compute_dtype,
+    }
+
+
+def compile_eval_report(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample: int, context_window: int,
+                        attention_chunk: int | None = None, passes: int | None = None) -> dict:
+    """Lower and compile eval_lm's scoring step from abstract params (nothing allocated) and report its memory.
+    Each window scores tokens_per_sample - context_window targets (eval_lm.ContextWindows checks the flags)."""
+    rules = sharding.logical_rules()
+    platform = mesh.devices.flat[0].platform
+    chunk = attention_chunk or default_attention_chunk(platform)
+    passes = passes or default_passes(platform, batch_size)
+    global_batch = batch_size * mesh.shape[sharding.DATA]
+    rows = sharding.batch_sharding(mesh, 2, rules=rules)
+    abstract = abstract_params(cfg, mesh, rules)
+    batch = (jax.ShapeDtypeStruct((global_batch, tokens_per_sample), jnp.int32, sharding=rows),
+             jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1, rules=rules)),
+             jax.ShapeDtypeStruct((global_batch, tokens_per_sample - context_window), jnp.int32,
+                                  sharding=rows))
+    t0 = time.perf_counter()
+    with sharding.activate(mesh, rules), matmul_precision(cfg):
+        compiled = make_score_step(cfg, mesh, rules, chunk, passes).lower(abstract, *batch).compile()
+    param_bytes = sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+                      for leaf in jax.tree.leaves(abstract))
+    return {
+        "arch": cfg.name,
+        "params": cfg.num_params(),
+        "mesh": sharding.describe(mesh),
+        "param_dtype": cfg.param_dtype,
+        "compute_dtype": cfg.compute_dtype,
+        "batch_size_per_replica": batch_size,
+        "tokens_per_sample": tokens_per_sample,
+        "context_window": context_window,
+        "attention_chunk": chunk,
+        "passes": passes,
+        "param_bytes_per_device": param_bytes,
+        "per_device_bytes": memory(compiled),
+        "collectives": {k: v for k, v in collectives(compiled.as_text()).items() if v["count"]},
+        "compile_s": round(time.perf_counter() - t0, 2),
     }
 
 

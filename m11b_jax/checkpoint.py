@@ -17,11 +17,12 @@ checkpoint saved on one mesh shape restores onto another: orbax reads each devic
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 from m11b_jax.errors import UserError
 
@@ -146,21 +147,89 @@ def check_compatible(meta: dict, model_config: dict, where: str) -> None:
                         "or a new --save-dir to start a fresh run")
 
 
-def restore(root: pathlib.Path, update: int, abstract_state) -> tuple[Any, dict]:
-    """Read checkpoint `root/update` onto the shardings of `abstract_state` (any mesh). Returns (state, meta)."""
+def _restore_item(root: pathlib.Path, update: int, state_args):
     import orbax.checkpoint as ocp
 
     mgr = _manager(root, None, read_only=True)
     try:
-        out = mgr.restore(update, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                          meta=ocp.args.JsonRestore()))
+        return mgr.restore(update, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, FileNotFoundError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot restore checkpoint {root / str(update)} ({first[:300]}): it does not match this "
                         "model and optimizer; use a new --save-dir or the run's own flags") from None
     finally:
         mgr.close()
+
+
+def restore(root: pathlib.Path, update: int, abstract_state) -> tuple[Any, dict]:
+    """Read checkpoint `root/update` onto the shardings of `abstract_state` (any mesh). Returns (state, meta)."""
+    import orbax.checkpoint as ocp
+
+    out = _restore_item(root, update, ocp.args.StandardRestore(abstract_state))
     return out.state, dict(out.meta)
+
+
+def restore_params(root: pathlib.Path, update: int, abstract_params):
+    """Only the parameters of checkpoint `root/update`, onto the shardings of `abstract_params`: the Adam moments
+    (twice the parameters' size) are never read."""
+    import orbax.checkpoint as ocp
+
+    target = {"params": abstract_params}
+    out = _restore_item(root, update, ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return out.state["params"]
+
+
+def training_meta(update: int, *, data_state: dict, seed: int, model_config, optim_config, mesh_shape: dict,
+                  dtype_policy: str, data_path: str, tokens_per_sample: int, update_freq: int,
+                  dropout_rng: str) -> dict:
+    """The `meta` item of a training checkpoint: what continuing exactly needs, and what the run was."""
+    return {"update": update, "data": data_state, "seed": seed, "model_config": dataclasses.asdict(model_config),
+            "optim": dataclasses.asdict(optim_config), "mesh": dict(mesh_shape), "dtype_policy": dtype_policy,
+            "data_path": os.path.abspath(data_path), "tokens_per_sample": tokens_per_sample,
+            "update_freq": update_freq, "dropout_rng": dropout_rng}
+
+
+def check_global_batch(meta: dict, where, global_rows: int, data_replicas: int, batch_size: int) -> None:
+    """A run continues with the global batch it was trained with, whatever the mesh."""
+    saved = int(meta.get("data", {}).get("global_batch_size", global_rows))
+    if saved == global_rows:
+        return
+    d = data_replicas
+    fix = (f"pass --batch-size {saved // d}" if saved % d == 0 else
+           f"its global batch is not divisible by the data axis ({d} = devices / --model-parallel-size); pick a "
+           "--model-parallel-size that makes it so")
+    raise UserError(f"the checkpoint {where} was trained with a global batch of {saved} blocks, this run has "
+                    f"{global_rows} ({batch_size} x {d} data replicas): {fix}")
+
+
+@dataclasses.dataclass
+class Resumed:
+    """A training checkpoint restored to continue from: the train state, its meta, where it was."""
+
+    state: Any
+    meta: dict
+    where: pathlib.Path
+
+    @property
+    def update(self) -> int:
+        return int(self.meta["update"])
+
+
+def resume(save_dir: str | os.PathLike, restore_file: str | None, *, model_config, abstract_state: Callable[[], Any],
+           global_rows: int, data_replicas: int, batch_size: int) -> Resumed | None:
+    """The checkpoint a run continues from (`find_restore_point`), checked against this run's model and global
+    batch before anything is read, then restored onto `abstract_state()`; None for a fresh start."""
+    point = find_restore_point(save_dir, restore_file)
+    if point is None:
+        return None
+    root, update = point
+    where = root / str(update)
+    meta = read_meta(root, update)
+    check_compatible(meta, dataclasses.asdict(model_config), str(where))
+    check_global_batch(meta, where, global_rows, data_replicas, batch_size)
+    state, meta = restore(root, update, abstract_state())
+    return Resumed(state, meta, where)
 
 
 def _test_kill_during_save(update: int, directory: pathlib.Path) -> None:

@@ -35,12 +35,22 @@ import sys
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
+from m11b_jax import aot, sharding
+from m11b_jax.config import load_config
+from m11b_jax.detok import original_token_count as count_words
+from m11b_jax.dictionary import Dictionary
 from m11b_jax.errors import UserError, cli_main
+from m11b_jax.fairseq_io import padded_size
+from m11b_jax.indexed_dataset import MMapIndexedDataset, split_prefix
+from m11b_jax.params_io import EVAL_DTYPES, eval_config, load_checkpoint
+from m11b_jax.runtime import backends_initialized, configure_cpu_devices, retain_host_memory_on_cpu
+from m11b_jax.score_step import default_attention_chunk, default_passes, make_score_step, matmul_precision
+from m11b_jax.textio import atomic_output
 
 RELEASE_TOKENS_PER_SAMPLE, RELEASE_CONTEXT_WINDOW = 1024, 992
-EVAL_DTYPES = ("float32", "bfloat16")
 
 
 # ---- the scoring rule: which inputs each block of targets sees -----------------------------------
@@ -148,42 +158,7 @@ class EvalResult:
         }
 
 
-# ---- the sharded, compiled scoring step ----------------------------------------------------------
-
-
-def default_attention_chunk(platform: str) -> int:
-    """Query chunk of the causal attention: small on CPU (cache-sized blocks), large on accelerators."""
-    return 64 if platform == "cpu" else 256
-
-
-def default_passes(platform: str, batch_size: int) -> int:
-    """Sequential passes per batch: one window at a time on CPU (small temporaries), one pass elsewhere."""
-    return batch_size if platform == "cpu" else 1
-
-
-def matmul_precision(cfg):
-    """fp32 evaluation means fp32 matmuls: 'highest' precision, so GPUs do not round inputs to TF32 (which
-    moved per-token log-probs by ~2e-3 on an H200); bfloat16 keeps the default."""
-    import jax
-
-    return jax.default_matmul_precision("highest" if cfg.compute_dtype == "float32" else None)
-
-
-def make_score_step(cfg, mesh, rules, attention_chunk: int, passes: int = 1):
-    """jit of scoring.score_in_passes with the params' and the batch's shardings on `mesh`."""
-    import jax
-
-    from m11b_jax import sharding
-    from m11b_jax.param_tree import param_shardings
-    from m11b_jax.scoring import score_in_passes
-
-    rows = sharding.batch_sharding(mesh, 2, rules=rules)
-
-    def step(params, tokens, first, targets):
-        return score_in_passes(params, tokens, first, targets, cfg, passes=passes, attention_chunk=attention_chunk)
-
-    return jax.jit(step, in_shardings=(param_shardings(cfg, mesh, rules), rows,
-                                       sharding.batch_sharding(mesh, 1, rules=rules), rows), out_shardings=rows)
+# ---- scoring a stream -------------------------------------------------------------------------
 
 
 def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rules, *, batch_size: int,
@@ -192,10 +167,6 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
 
     One process (all of the mesh's devices on this host): batches are placed with jax.device_put.
     """
-    import jax
-
-    from m11b_jax import sharding
-
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be >= 1")
     platform = mesh.devices.flat[0].platform
@@ -255,9 +226,6 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
 
 def load_split(data_bin: str | os.PathLike, split: str):
     """(dictionary, token stream) of DATA_BIN/{split}.bin/.idx, with one-line errors for what is missing."""
-    from m11b_jax.dictionary import Dictionary
-    from m11b_jax.indexed_dataset import MMapIndexedDataset, split_prefix
-
     data_bin = pathlib.Path(data_bin)
     if not data_bin.is_dir():
         raise UserError(f"data-bin {data_bin} is not a directory: binarize text with python -m m11b_jax.preprocess")
@@ -274,9 +242,6 @@ def check_dictionary(dictionary, stream: np.ndarray, cfg, ckpt_dict_path, data_b
     must be the vocabulary size, or pad to it the way fairseq's model-parallel models pad their dictionary
     (to a multiple of 8 x model_parallel_size, with made-up words the data never holds).
     """
-    from m11b_jax.dictionary import Dictionary
-    from m11b_jax.fairseq_io import padded_size
-
     n, vocab = len(dictionary), cfg.vocab_size
     if ckpt_dict_path is not None:
         stored = Dictionary.load(ckpt_dict_path)
@@ -295,72 +260,12 @@ def check_dictionary(dictionary, stream: np.ndarray, cfg, ckpt_dict_path, data_b
                         "re-binarize it with the checkpoint's dict.txt")
 
 
-def eval_config(cfg, dtype: str):
-    """The stored config with parameters and matmuls in `dtype` (float32 = how the release evaluated)."""
-    if dtype not in EVAL_DTYPES:
-        raise UserError(f"--dtype {dtype} is not one of {', '.join(EVAL_DTYPES)}")
-    return cfg.replace(param_dtype=dtype, compute_dtype=dtype)
-
-
-def load_checkpoint(path: str | os.PathLike, mesh, rules, dtype: str):
-    """(config, params on mesh, the checkpoint's dict.txt or None) from a checkpoint directory.
-
-    Either an m11b_jax params checkpoint (`python -m m11b_jax.convert`, `params_io.save_params`), or a
-    training checkpoint of `python -m m11b_jax.train` (a `--save-dir`: its latest update, or one update's
-    directory `SAVE_DIR/<update>`); the latter is restored whole (parameters and Adam moments) and the
-    moments are dropped, so it needs about 3x the parameters' memory while loading.
-    """
-    from m11b_jax import checkpoint as train_ckpt
-    from m11b_jax import params_io
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path} (give the directory written by python -m m11b_jax.convert)")
-    if path.is_file():
-        raise UserError(
-            f"{path} is a file, not an m11b_jax params checkpoint directory: convert fairseq shards first "
-            f"(python -m m11b_jax.convert {path} OUT) and pass --path OUT")
-    if train_ckpt.is_step_dir(path) or train_ckpt.list_steps(path):
-        return load_training_checkpoint(path, mesh, rules, dtype)
-    cfg = eval_config(params_io.load_model_config(path), dtype)
-    return cfg, params_io.load_params(path, mesh, rules, cfg=cfg), params_io.dictionary_path(path)
-
-
-def load_training_checkpoint(path: pathlib.Path, mesh, rules, dtype: str):
-    """The parameters of an orbax training checkpoint (see load_checkpoint), cast to `dtype` on `mesh`."""
-    import jax
-
-    from m11b_jax import checkpoint as train_ckpt
-    from m11b_jax.config import ModelConfig
-    from m11b_jax.param_tree import param_shardings
-    from m11b_jax.train_step import OptimConfig, abstract_train_state
-
-    if train_ckpt.is_step_dir(path):
-        root, update = path.parent, int(path.name)
-    else:
-        root, update = path, train_ckpt.list_steps(path)[-1]
-    meta = train_ckpt.read_meta(root, update)
-    try:
-        stored = ModelConfig.from_dict(meta["model_config"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{root / str(update)}: no usable model config in its metadata ({e}): "
-                        "the checkpoint is damaged") from None
-    # The Adam state's structure depends only on the optimizer, not on its settings.
-    state, _ = train_ckpt.restore(root, update, abstract_train_state(stored, mesh, rules, OptimConfig()))
-    cfg = eval_config(stored, dtype)
-    cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dtype), p),
-                   out_shardings=param_shardings(cfg, mesh, rules))
-    return cfg, cast(state.params), None
-
-
 def original_token_count(args) -> int | None:
     if args.orig_token_count is not None:
         if args.orig_token_count < 1:
             raise UserError(f"--orig-token-count {args.orig_token_count} must be >= 1")
         return args.orig_token_count
     if args.orig_tokens_file is not None:
-        from m11b_jax.detok import original_token_count as count_words
-
         if not os.path.isfile(args.orig_tokens_file):
             raise UserError(f"--orig-tokens-file {args.orig_tokens_file} not found: give the original "
                             "(tokenized) text, e.g. wikitext-103/wiki.test.tokens")
@@ -370,8 +275,6 @@ def original_token_count(args) -> int | None:
 
 def save_token_logprobs(path: str | os.PathLike, logprobs: np.ndarray) -> None:
     """Write the per-token natural-log probabilities as .npy, all-or-nothing."""
-    from m11b_jax.textio import atomic_output
-
     with atomic_output(path, "wb") as f:
         np.save(f, logprobs)
 
@@ -380,53 +283,6 @@ def check_output_path(path: str | os.PathLike | None) -> None:
     """Fail before a long evaluation, not after it, when the output folder does not exist."""
     if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise UserError(f"output folder of {path} does not exist: create it first")
-
-
-# ---- compile-only: the eval step's per-device memory at the real size -----------------------------
-
-
-def compile_only_report(cfg, mesh, *, batch_size: int, tokens_per_sample: int, context_window: int,
-                        attention_chunk: int | None = None, passes: int | None = None) -> dict:
-    """Lower and compile the scoring step from abstract params (nothing allocated) and report its memory."""
-    import jax
-    import jax.numpy as jnp
-
-    from m11b_jax import sharding
-    from m11b_jax.aot import collectives, memory
-    from m11b_jax.param_tree import abstract_params
-
-    rules = sharding.logical_rules()
-    windows = ContextWindows(1, tokens_per_sample, context_window)
-    platform = mesh.devices.flat[0].platform
-    chunk = attention_chunk or default_attention_chunk(platform)
-    passes = passes or default_passes(platform, batch_size)
-    global_batch = batch_size * mesh.shape[sharding.DATA]
-    rows = sharding.batch_sharding(mesh, 2, rules=rules)
-    abstract = abstract_params(cfg, mesh, rules)
-    batch = (jax.ShapeDtypeStruct((global_batch, tokens_per_sample), jnp.int32, sharding=rows),
-             jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1, rules=rules)),
-             jax.ShapeDtypeStruct((global_batch, windows.block), jnp.int32, sharding=rows))
-    t0 = time.perf_counter()
-    with sharding.activate(mesh, rules), matmul_precision(cfg):
-        compiled = make_score_step(cfg, mesh, rules, chunk, passes).lower(abstract, *batch).compile()
-    param_bytes = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
-                      for a in jax.tree.leaves(abstract))
-    return {
-        "arch": cfg.name,
-        "params": cfg.num_params(),
-        "mesh": sharding.describe(mesh),
-        "param_dtype": cfg.param_dtype,
-        "compute_dtype": cfg.compute_dtype,
-        "batch_size_per_replica": batch_size,
-        "tokens_per_sample": tokens_per_sample,
-        "context_window": context_window,
-        "attention_chunk": chunk,
-        "passes": passes,
-        "param_bytes_per_device": param_bytes,
-        "per_device_bytes": memory(compiled),
-        "collectives": {k: v for k, v in collectives(compiled.as_text()).items() if v["count"]},
-        "compile_s": round(time.perf_counter() - t0, 2),
-    }
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -467,11 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-token-logprobs", metavar="FILE.npy",
                    help="save each token's natural-log probability, in stream order")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
-    aot = p.add_argument_group("compile-only: per-device memory of the eval step at full size, nothing allocated")
-    aot.add_argument("--compile-only", action="store_true")
-    aot.add_argument("--arch", default="transformer_lm_megatron_11b", help="config name in configs/ or a JSON path")
-    aot.add_argument("--target", help="compile for this GPU (h100, h200, a100; no GPU needed, JAX's CUDA plugin is) "
-                                      "instead of this host's devices")
+    compile_only = p.add_argument_group("compile-only: per-device memory of the eval step at full size, nothing "
+                                        "allocated")
+    compile_only.add_argument("--compile-only", action="store_true")
+    compile_only.add_argument("--arch", default="transformer_lm_megatron_11b",
+                              help="config name in configs/ or a JSON path")
+    compile_only.add_argument("--target", help="compile for this GPU (h100, h200, a100; no GPU needed, JAX's CUDA "
+                                               "plugin is) instead of this host's devices")
     return p
 
 
@@ -493,14 +351,10 @@ def run_eval(data_bin, path, *, split: str = "test", tokens_per_sample: int = RE
              orig_token_count: int | None = None,
              output_token_logprobs=None, devices=None, log=None) -> tuple[dict, EvalResult]:
     """Evaluate checkpoint `path` on DATA_BIN/split; returns (summary dict, EvalResult). The CLIs call this."""
-    from m11b_jax import sharding
-
     check_output_path(output_token_logprobs)
     dictionary, stream = load_split(data_bin, split)
     windows = ContextWindows(int(stream.size), tokens_per_sample, context_window)
     mesh = sharding.make_mesh(model_parallel_size, devices)
-    from m11b_jax.runtime import retain_host_memory_on_cpu
-
     retain_host_memory_on_cpu(mesh)
     rules = sharding.logical_rules()
     cfg, params, ckpt_dict = load_checkpoint(path, mesh, rules, dtype)
@@ -521,24 +375,18 @@ def _stderr(msg: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.compile_only:
-        import jax
-
-        from m11b_jax.config import load_config
-        from m11b_jax.runtime import backends_initialized, configure_cpu_devices
-
         # Simulated CPU devices for the mesh when JAX has not started yet (a GPU/TPU backend is unaffected).
         if not backends_initialized():
             configure_cpu_devices(max(jax.config.jax_num_cpu_devices, args.model_parallel_size))
 
         cfg = eval_config(load_config(args.arch), args.dtype)
         cfg.validate(args.model_parallel_size, tokens_per_sample=args.tokens_per_sample)
-        from m11b_jax.aot import target_mesh
-
+        ContextWindows(1, args.tokens_per_sample, args.context_window)  # the flags' one-line errors
         # One model-parallel group: per-device memory is the same for every data-parallel replica.
-        mesh = target_mesh(args.target, args.model_parallel_size, args.model_parallel_size)
-        report = compile_only_report(cfg, mesh, batch_size=args.batch_size, tokens_per_sample=args.tokens_per_sample,
-                                     context_window=args.context_window, attention_chunk=args.attention_chunk,
-                                     passes=args.passes)
+        mesh = aot.target_mesh(args.target, args.model_parallel_size, args.model_parallel_size)
+        report = aot.compile_eval_report(cfg, mesh, batch_size=args.batch_size,
+                                         tokens_per_sample=args.tokens_per_sample, context_window=args.context_window,
+                                         attention_chunk=args.attention_chunk, passes=args.passes)
         report["target"] = args.target or mesh.devices.flat[0].platform
         print(json.dumps(report, indent=2))
         return

@@ -31,13 +31,16 @@ import numpy as np
 import tensorstore as ts
 from flax import traverse_util
 
+from m11b_jax import checkpoint as train_checkpoint
 from m11b_jax.config import DTYPES, ModelConfig
 from m11b_jax.errors import UserError
 from m11b_jax.model import abstract_variables
-from m11b_jax.param_tree import abstract_params
+from m11b_jax.param_tree import abstract_params, param_shardings
 from m11b_jax.sharding import MODEL, logical_rules
 from m11b_jax.textio import atomic_directory
 
+# What a checkpoint can be evaluated in (parameters and matmuls alike).
+EVAL_DTYPES = ("float32", "bfloat16")
 FORMAT = "m11b_jax.params"
 FORMAT_VERSION = 1
 CONFIG_FILE, DICT_FILE, META_FILE, PARAMS_DIR = "config.json", "dict.txt", "checkpoint.json", "params"
@@ -320,3 +323,52 @@ def save_params(params, out_dir: str | os.PathLike, cfg: ModelConfig,
         for path, index, block in iter_addressable_blocks(params):
             w.write(path, index, block)
     return pathlib.Path(out_dir)
+
+
+# ---- any checkpoint, for inference -------------------------------------------------------------
+
+
+def eval_config(cfg: ModelConfig, dtype: str) -> ModelConfig:
+    """The stored config with parameters and matmuls in `dtype` (float32 = how the release evaluated)."""
+    if dtype not in EVAL_DTYPES:
+        raise UserError(f"--dtype {dtype} is not one of {', '.join(EVAL_DTYPES)}")
+    return cfg.replace(param_dtype=dtype, compute_dtype=dtype)
+
+
+def load_checkpoint(path: str | os.PathLike, mesh, rules, dtype: str):
+    """(config, params on mesh in `dtype`, the checkpoint's dict.txt or None) from a checkpoint directory.
+
+    Either a params checkpoint (`python -m m11b_jax.convert`, `save_params`), or a training checkpoint of
+    `python -m m11b_jax.train` (a `--save-dir`: its latest update, or one update's directory `SAVE_DIR/<update>`),
+    of which only the parameters are read.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path} (give the directory written by python -m m11b_jax.convert)")
+    if path.is_file():
+        raise UserError(
+            f"{path} is a file, not an m11b_jax params checkpoint directory: convert fairseq shards first "
+            f"(python -m m11b_jax.convert {path} OUT) and pass --path OUT")
+    if train_checkpoint.is_step_dir(path) or train_checkpoint.list_steps(path):
+        return load_training_checkpoint(path, mesh, rules, dtype)
+    cfg = eval_config(load_model_config(path), dtype)
+    return cfg, load_params(path, mesh, rules, cfg=cfg), dictionary_path(path)
+
+
+def load_training_checkpoint(path: pathlib.Path, mesh, rules, dtype: str):
+    """(config, params, None) of an orbax training checkpoint (see load_checkpoint), cast to `dtype` on `mesh`."""
+    if train_checkpoint.is_step_dir(path):
+        root, update = path.parent, int(path.name)
+    else:
+        root, update = path, train_checkpoint.list_steps(path)[-1]
+    meta = train_checkpoint.read_meta(root, update)
+    try:
+        stored = ModelConfig.from_dict(meta["model_config"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{root / str(update)}: no usable model config in its metadata ({e}): "
+                        "the checkpoint is damaged") from None
+    params = train_checkpoint.restore_params(root, update, abstract_params(stored, mesh, rules))
+    cfg = eval_config(stored, dtype)
+    cast = jax.jit(lambda tree: jax.tree.map(lambda leaf: leaf.astype(dtype), tree),
+                   out_shardings=param_shardings(cfg, mesh, rules))
+    return cfg, cast(params), None
