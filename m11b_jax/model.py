@@ -6,7 +6,8 @@ What it computes (../shared/REFERENCE.md, Architecture):
     logits = LN_final(x) @ E^T                               (tied embedding, no output bias)
 
 No parallelism logic lives here: every parameter and activation carries *logical* axis names
-(`m11b_jax.axis_names`) and `m11b_jax.sharding.logical_rules` maps them to mesh axes in one table. Weights use Flax's [in, out] kernel layout (fairseq's nn.Linear is [out, in]).
+(`m11b_jax.axis_names`) and `m11b_jax.sharding.logical_rules` maps them to mesh axes in one table.
+Weights use Flax's [in, out] kernel layout (fairseq's nn.Linear is [out, in]).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Training metrics: model-FLOPs utilization against known device peaks, and where each log line goes.
+"""Training metrics: the divergence check, interval statistics, model-FLOPs utilization against known device
+peaks, where each log line goes, and the run's summary.
 
 MFU = (analytic model FLOPs per update x updates) / (elapsed seconds x devices x peak FLOP/s per device).
 The FLOPs are `config.analytic_train_flops` (6 N per token + attention, no remat recompute). Peaks are the
@@ -12,10 +13,29 @@ no TensorFlow) when a log dir is given. Only process 0 writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import pathlib
 import sys
+
+from m11b_jax.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradient norm became NaN/inf."""
+
+
+def check_finite(update: int, loss: float, gnorm: float, last_checkpoint: pathlib.Path | None) -> None:
+    """Stop training with a one-line error when an update's loss or gradient norm is NaN/inf."""
+    if math.isfinite(loss) and math.isfinite(gnorm):
+        return
+    raise TrainingDiverged(
+        f"loss is {loss} (gradient norm {gnorm}) at update {update}: training stopped; "
+        + (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
+           else "no checkpoint was saved")
+        + "; lower --lr, set --clip-norm, or check the data")
 
 
 def peak_flops(device_kind: str, compute_dtype: str) -> float | None:
@@ -44,6 +64,81 @@ def base2_ppl(loss_base2: float) -> float:
         return 2.0 ** loss_base2
     except OverflowError:
         return math.inf
+
+
+@dataclasses.dataclass
+class IntervalStats:
+    """Training statistics since the last log line."""
+
+    t0: float = 0.0  # when timing started (the first update includes compilation and is not timed)
+    nll: float = 0.0
+    ntokens: float = 0.0
+    gnorm: float = 0.0
+    updates: int = 0
+    timed_updates: int = 0
+    timed_tokens: float = 0.0
+    paused: float = 0.0  # seconds spent validating / saving, not training
+
+    def add(self, nll_sum: float, ntokens: float, gnorm: float, timed: bool) -> None:
+        self.nll += nll_sum
+        self.ntokens += ntokens
+        self.gnorm += gnorm
+        self.updates += 1
+        if timed:
+            self.timed_updates += 1
+            self.timed_tokens += ntokens
+
+    def record(self, update: int, lr: float, now: float, *, flops_per_update: float, num_devices: int,
+               peak: float | None, t_start: float) -> dict:
+        """The train log line of this interval (fairseq's loss, ppl, lr, gnorm, wpb, wps, ups; MFU)."""
+        secs = now - self.t0 - self.paused
+        timed = self.timed_updates > 0 and secs > 0
+        loss = self.nll / max(self.ntokens, 1.0) / math.log(2)
+        return {"update": update, "loss": loss, "ppl": base2_ppl(loss), "lr": lr, "gnorm": self.gnorm / self.updates,
+                "wpb": self.ntokens / self.updates,
+                "wps": self.timed_tokens / secs if timed else None,
+                "ups": self.timed_updates / secs if timed else None,
+                "model_tflops": flops_per_update * self.timed_updates / secs / 1e12 if timed else None,
+                "mfu": mfu(flops_per_update, self.timed_updates, secs, num_devices, peak),
+                "elapsed_s": round(now - t_start, 3)}
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    """What a training run did: `train.run` returns it, process 0 prints it."""
+
+    save_dir: str
+    data: str
+    start_update: int
+    resumed_from: str | None
+    mesh: dict
+    sequence_parallel: bool
+    losses: dict[int, float] = dataclasses.field(default_factory=dict)  # base-2 loss of every update
+    train: list[dict] = dataclasses.field(default_factory=list)  # the train log lines
+    valid: list[dict] = dataclasses.field(default_factory=list)  # the validation log lines
+    checkpoints: list[int] = dataclasses.field(default_factory=list)  # updates saved by this run
+    stopped_by: str | None = None  # the signal that stopped the run early
+    end_update: int | None = None
+    elapsed_s: float | None = None
+
+    def report_lines(self, *, no_save: bool, jsonl_path: str | None, tensorboard_logdir: str | None) -> list[str]:
+        lines = [f"trained updates {self.start_update} -> {self.end_update} in {self.elapsed_s:.1f}s"
+                 + (f" (stopped by {self.stopped_by})" if self.stopped_by else "")]
+        if self.valid:
+            first, last = self.valid[0], self.valid[-1]
+            lines.append(f"validation ppl: first {first['valid_ppl']:.2f} (update {first['update']}), "
+                         f"last {last['valid_ppl']:.2f} (update {last['update']})")
+        if self.checkpoints:
+            lines.append(f"checkpoints: {self.save_dir}/<update>/ (latest: update {self.checkpoints[-1]})")
+        elif self.resumed_from:
+            lines.append(f"checkpoints: none new (latest: {self.resumed_from})")
+        elif no_save:
+            lines.append("checkpoints: none (--no-save)")
+        lines.append(f"metrics log: {jsonl_path or os.path.join(self.save_dir, 'train_log.jsonl')}")
+        if tensorboard_logdir:
+            lines.append(f"tensorboard: tensorboard --logdir {tensorboard_logdir}")
+        lines.append(f"data: {self.data}")
+        return lines
 
 
 def _fmt(v) -> str:

@@ -25,17 +25,12 @@ import time
 import jax
 
 from m11b_jax import checkpoint as ckpt
-from m11b_jax import runtime
-from m11b_jax import sharding, train_data
+from m11b_jax import params_io, runtime, sharding, train_data
 from m11b_jax.config import analytic_train_flops
-from m11b_jax.errors import UserError
-from m11b_jax.train_metrics import MetricsLogger, base2_ppl, mfu, peak_flops
+from m11b_jax.corpus import ensure_offline_corpus
+from m11b_jax.train_metrics import IntervalStats, MetricsLogger, TrainSummary, base2_ppl, check_finite, peak_flops
 from m11b_jax.train_step import (abstract_train_state, init_train_state, make_eval_loss, make_train_step,
                                  state_from_params, state_shardings)
-
-
-class TrainingDiverged(UserError):
-    """The loss or gradient norm became NaN/inf."""
 
 
 class _StopRequest:
@@ -80,25 +75,11 @@ class _StopRequest:
         self._old = {}
 
 
-@dataclasses.dataclass
-class _Interval:
-    """Training statistics since the last log line."""
-
-    nll: float = 0.0
-    ntokens: float = 0.0
-    gnorm: float = 0.0
-    updates: int = 0
-    timed_updates: int = 0
-    timed_tokens: float = 0.0
-    t0: float = 0.0
-    paused: float = 0.0  # seconds spent validating / saving, not training
-
-
 class Trainer:
     """One training run: data, mesh, state, compiled step, checkpoints, metrics. `run()` trains."""
 
     def __init__(self, run):
-        a = self.args = run.args
+        args = self.args = run.args
         self.run_cfg = run
         self.cfg, self.ocfg = run.model, run.optim
         self.is_main = jax.process_index() == 0
@@ -106,104 +87,83 @@ class Trainer:
 
         # Data and the save dir first: every cheap check runs before anything is compiled.
         if run.offline:
-            from m11b_jax.corpus import ensure_offline_corpus
-
             self.data_path = str(ensure_offline_corpus())
         else:
             self.data_path = run.data
         self.dictionary = train_data.load_dictionary(self.data_path, self.cfg.vocab_size)
-        self.train_blocks = train_data.load_split(self.data_path, a.train_subset, run.tokens_per_sample,
+        self.train_blocks = train_data.load_split(self.data_path, args.train_subset, run.tokens_per_sample,
                                                   "--train-subset")
-        self.valid_sets = [] if a.disable_validation else [
+        self.valid_sets = [] if args.disable_validation else [
             (name, train_data.load_split(self.data_path, name, run.tokens_per_sample,
                                          "--valid-subset (or --disable-validation)"))
-            for name in a.valid_subset.split(",") if name]
-        self.save_dir = ckpt.check_writable(a.save_dir).absolute()
+            for name in args.valid_subset.split(",") if name]
+        self.save_dir = ckpt.check_writable(args.save_dir).absolute()
 
         self.mesh = sharding.make_mesh(run.model_parallel_size)
         runtime.retain_host_memory_on_cpu(self.mesh)  # reuse each step's host buffers, not page-fault them in again
         self.rules = sharding.logical_rules(sequence_parallel=run.sequence_parallel)
         self.batches = train_data.TrainBatches(self.train_blocks, self.mesh, run.batch_size, run.update_freq,
-                                               seed=a.seed, prefetch=a.num_workers, rules=self.rules)
-        self.seed = a.seed
+                                               seed=args.seed, prefetch=args.num_workers, rules=self.rules)
+        self.seed = args.seed
         self.start, self.resumed_from = 0, None
         self.state = self._restore_or_init()
 
-        self.rng_impl = a.dropout_rng if a.dropout_rng != "auto" else (
+        self.rng_impl = args.dropout_rng if args.dropout_rng != "auto" else (
             "rbg" if jax.default_backend() == "gpu" else "threefry2x32")
-        self.step_fn = make_train_step(self.cfg, self.mesh, self.rules, self.ocfg, criterion=a.criterion,
+        self.step_fn = make_train_step(self.cfg, self.mesh, self.rules, self.ocfg, criterion=args.criterion,
                                        seed=self.seed, rng_impl=self.rng_impl)
-        self.eval_fn = make_eval_loss(self.cfg, self.mesh, self.rules, criterion=a.criterion)
-        self.saver = None if a.no_save else ckpt.Checkpointer(self.save_dir, keep=a.keep_interval_updates)
+        self.eval_fn = make_eval_loss(self.cfg, self.mesh, self.rules, criterion=args.criterion)
+        self.saver = None if args.no_save else ckpt.Checkpointer(self.save_dir, keep=args.keep_interval_updates)
 
         global_rows = self.batches.global_rows
         self.flops_per_update = analytic_train_flops(self.cfg, global_rows * run.update_freq, run.tokens_per_sample)
         self.peak = peak_flops(jax.devices()[0].device_kind, self.cfg.compute_dtype)
-        self.logger = MetricsLogger(str(self.save_dir), a.tensorboard_logdir, enabled=self.is_main,
-                                    progress_total=a.max_update or None, progress_initial=self.start,
-                                    progress_bar=not a.no_progress_bar)
-        self.summary = {"save_dir": str(self.save_dir), "data": self.data_path, "start_update": self.start,
-                        "resumed_from": self.resumed_from, "losses": {}, "train": [], "valid": [], "checkpoints": [],
-                        "stopped_by": None, "mesh": dict(self.mesh.shape), "sequence_parallel": run.sequence_parallel}
+        self.logger = MetricsLogger(str(self.save_dir), args.tensorboard_logdir, enabled=self.is_main,
+                                    progress_total=args.max_update or None, progress_initial=self.start,
+                                    progress_bar=not args.no_progress_bar)
+        self.summary = TrainSummary(save_dir=str(self.save_dir), data=self.data_path, start_update=self.start,
+                                    resumed_from=self.resumed_from, mesh=dict(self.mesh.shape),
+                                    sequence_parallel=run.sequence_parallel)
         self.pending: list[tuple[int, dict]] = []  # dispatched updates whose metrics are not read yet
-        self.interval = _Interval()
+        self.interval = IntervalStats()
 
     # ---- state ---------------------------------------------------------------------------------------
 
     def _restore_or_init(self):
-        a, cfg, mesh, rules, ocfg = self.args, self.cfg, self.mesh, self.rules, self.ocfg
-        point = ckpt.find_restore_point(self.save_dir, a.restore_file)
-        if point is not None:
-            root, upd = point
-            where = root / str(upd)
-            meta = ckpt.read_meta(root, upd)
-            ckpt.check_compatible(meta, dataclasses.asdict(cfg), str(where))
-            self._check_global_batch(meta, where)
-            state, meta = ckpt.restore(root, upd, abstract_train_state(cfg, mesh, rules, ocfg))
-            self.batches.load_state_dict(meta["data"])
-            self.seed = int(meta.get("seed", self.seed))
-            if self.seed != a.seed:
-                self._note(f"| resuming with the checkpoint's seed {self.seed} (not --seed {a.seed}): same data order "
-                           "and dropout as the run that saved it")
-            if a.finetune_from_model:
+        args, cfg, mesh, rules, ocfg = self.args, self.cfg, self.mesh, self.rules, self.ocfg
+        resumed = ckpt.resume(self.save_dir, args.restore_file, model_config=cfg,
+                              abstract_state=lambda: abstract_train_state(cfg, mesh, rules, ocfg),
+                              global_rows=self.batches.global_rows, data_replicas=mesh.shape[sharding.DATA],
+                              batch_size=self.run_cfg.batch_size)
+        if resumed is not None:
+            self.batches.load_state_dict(resumed.meta["data"])
+            self.seed = int(resumed.meta.get("seed", self.seed))
+            if self.seed != args.seed:
+                self._note(f"| resuming with the checkpoint's seed {self.seed} (not --seed {args.seed}): same data "
+                           "order and dropout as the run that saved it")
+            if args.finetune_from_model:
                 self._note(f"| --finetune-from-model ignored: {self.save_dir} already holds a checkpoint")
-            self.start, self.resumed_from = int(meta["update"]), str(where)
-            return state
-        if a.finetune_from_model:
-            from m11b_jax import params_io
-
-            saved = params_io.load_model_config(a.finetune_from_model)
+            self.start, self.resumed_from = resumed.update, str(resumed.where)
+            return resumed.state
+        if args.finetune_from_model:
+            saved = params_io.load_model_config(args.finetune_from_model)
             ckpt.check_compatible({"model_config": dataclasses.asdict(saved)}, dataclasses.asdict(cfg),
-                                  a.finetune_from_model)
+                                  args.finetune_from_model)
             with sharding.activate(mesh, rules):
-                params = params_io.load_params(a.finetune_from_model, mesh, rules, cfg=cfg)
+                params = params_io.load_params(args.finetune_from_model, mesh, rules, cfg=cfg)
             return state_from_params(params, ocfg, state_shardings(cfg, mesh, rules))
         return init_train_state(cfg, mesh, rules, ocfg, seed=self.seed)
 
-    def _check_global_batch(self, meta: dict, where) -> None:
-        """A run continues with the global batch it was trained with, whatever the mesh."""
-        rows = self.batches.global_rows
-        saved = int(meta.get("data", {}).get("global_batch_size", rows))
-        if saved == rows:
-            return
-        d = self.mesh.shape[sharding.DATA]
-        fix = (f"pass --batch-size {saved // d}" if saved % d == 0 else
-               f"its global batch is not divisible by the data axis ({d} = devices / --model-parallel-size); pick a "
-               "--model-parallel-size that makes it so")
-        raise UserError(f"the checkpoint {where} was trained with a global batch of {saved} blocks, this run has "
-                        f"{rows} ({self.run_cfg.batch_size} x {d} data replicas): {fix}")
-
     def _meta(self, update: int) -> dict:
         run = self.run_cfg
-        return {"update": update, "data": self.batches.state_dict(), "seed": self.seed,
-                "model_config": dataclasses.asdict(self.cfg), "optim": dataclasses.asdict(self.ocfg),
-                "mesh": dict(self.mesh.shape), "dtype_policy": run.dtype_policy,
-                "data_path": os.path.abspath(self.data_path), "tokens_per_sample": run.tokens_per_sample,
-                "update_freq": run.update_freq, "dropout_rng": self.rng_impl}
+        return ckpt.training_meta(update, data_state=self.batches.state_dict(), seed=self.seed, model_config=self.cfg,
+                                  optim_config=self.ocfg, mesh_shape=self.mesh.shape, dtype_policy=run.dtype_policy,
+                                  data_path=self.data_path, tokens_per_sample=run.tokens_per_sample,
+                                  update_freq=run.update_freq, dropout_rng=self.rng_impl)
 
     def _save(self, update: int) -> None:
         if self.saver is not None and self.saver.save(update, self.state, self._meta(update)):
-            self.summary["checkpoints"].append(update)
+            self.summary.checkpoints.append(update)
 
     # ---- validation and metrics ----------------------------------------------------------------------
 
@@ -220,7 +180,7 @@ class Trainer:
             loss = nll / max(ntok, 1.0) / math.log(2)
             rec = {"update": update, "subset": name, "valid_loss": loss, "valid_ppl": base2_ppl(loss),
                    "valid_ntokens": int(ntok), "valid_s": round(time.perf_counter() - t0, 3)}
-            self.summary["valid"].append(rec)
+            self.summary.valid.append(rec)
             self.logger.log(rec, prefix=f"valid on '{name}'", tb_keys=("valid_loss", "valid_ppl"))
 
     def _drain(self, keep_last: bool) -> None:
@@ -233,46 +193,24 @@ class Trainer:
             self._account(u, m)
         del self.pending[:upto]
 
-    def _account(self, u: int, m: dict) -> None:
-        a, iv = self.args, self.interval
-        loss, gnorm = float(m["loss"]), float(m["gnorm"])
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            last = self.saver.last_saved if self.saver is not None else None
-            raise TrainingDiverged(
-                f"loss is {loss} (gradient norm {gnorm}) at update {u}: training stopped; "
-                + (f"the last good checkpoint is {self.save_dir / str(last)}" if last is not None
-                   else "no checkpoint was saved")
-                + "; lower --lr, set --clip-norm, or check the data")
-        self.summary["losses"][u] = loss
-        iv.nll += float(m["nll_sum"])
-        iv.ntokens += float(m["ntokens"])
-        iv.gnorm += gnorm
-        iv.updates += 1
-        if u == self.start + 1:  # the first update includes compilation: time from its end
-            iv.t0 = time.perf_counter()
-            self._note(f"| first update (compile + run) took {iv.t0 - self.t_start:.1f}s")
-        else:
-            iv.timed_updates += 1
-            iv.timed_tokens += float(m["ntokens"])
+    def _account(self, update: int, metrics: dict) -> None:
+        loss, gnorm = float(metrics["loss"]), float(metrics["gnorm"])
+        last = self.saver.last_saved if self.saver is not None else None
+        check_finite(update, loss, gnorm, None if last is None else self.save_dir / str(last))
+        self.summary.losses[update] = loss
+        first = update == self.start + 1  # includes compilation: timing starts at its end
+        self.interval.add(float(metrics["nll_sum"]), float(metrics["ntokens"]), gnorm, timed=not first)
+        if first:
+            self.interval.t0 = time.perf_counter()
+            self._note(f"| first update (compile + run) took {self.interval.t0 - self.t_start:.1f}s")
         self.logger.advance(1, loss=loss)
-        if u % a.log_interval == 0 or (a.max_update and u == a.max_update):
-            self._log_train(u, float(m["lr"]))
-
-    def _log_train(self, u: int, lr: float) -> None:
-        iv, now = self.interval, time.perf_counter()
-        secs = now - iv.t0 - iv.paused
-        timed = iv.timed_updates > 0 and secs > 0
-        loss = iv.nll / max(iv.ntokens, 1.0) / math.log(2)
-        rec = {"update": u, "loss": loss, "ppl": base2_ppl(loss), "lr": lr, "gnorm": iv.gnorm / iv.updates,
-               "wpb": iv.ntokens / iv.updates,
-               "wps": iv.timed_tokens / secs if timed else None,
-               "ups": iv.timed_updates / secs if timed else None,
-               "model_tflops": self.flops_per_update * iv.timed_updates / secs / 1e12 if timed else None,
-               "mfu": mfu(self.flops_per_update, iv.timed_updates, secs, jax.device_count(), self.peak),
-               "elapsed_s": round(now - self.t_start, 3)}
-        self.summary["train"].append(rec)
-        self.logger.log(rec, prefix="train", tb_keys=("loss", "ppl", "lr", "gnorm", "wps", "mfu"))
-        self.interval = _Interval(t0=now)
+        if update % self.args.log_interval == 0 or (self.args.max_update and update == self.args.max_update):
+            now = time.perf_counter()
+            rec = self.interval.record(update, float(metrics["lr"]), now, flops_per_update=self.flops_per_update,
+                                       num_devices=jax.device_count(), peak=self.peak, t_start=self.t_start)
+            self.summary.train.append(rec)
+            self.logger.log(rec, prefix="train", tb_keys=("loss", "ppl", "lr", "gnorm", "wps", "mfu"))
+            self.interval = IntervalStats(t0=now)
 
     def _note(self, message: str) -> None:
         if hasattr(self, "logger"):
@@ -297,8 +235,8 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------------
 
-    def run(self) -> dict:
-        a, summary = self.args, self.summary
+    def run(self) -> TrainSummary:
+        args, summary = self.args, self.summary
         stop = _StopRequest(jax.process_count() > 1)
         stop.install()
         update, last_validated, last_saved = self.start, None, None
@@ -306,23 +244,25 @@ class Trainer:
             self._header()
             if self.run_cfg.validate_at_start and self.start == 0 and self.valid_sets:
                 self._validate(0)
-            if a.max_update and self.start >= a.max_update:
-                self._note(f"| already at --max-update {a.max_update} (resumed from {self.resumed_from}): nothing to "
-                           "train; raise --max-update to continue, or use a new --save-dir to start over")
-            self.interval = _Interval(t0=time.perf_counter())
-            while not a.max_update or update < a.max_update:
+            if args.max_update and self.start >= args.max_update:
+                self._note(f"| already at --max-update {args.max_update} (resumed from {self.resumed_from}): nothing "
+                           "to train; raise --max-update to continue, or use a new --save-dir to start over")
+            self.interval = IntervalStats(t0=time.perf_counter())
+            while not args.max_update or update < args.max_update:
                 self.state, metrics = self.step_fn(self.state, self.batches.next())
                 update += 1
                 self.pending.append((update, metrics))
-                is_last = bool(a.max_update) and update >= a.max_update
-                do_save = bool(a.save_interval_updates) and update % a.save_interval_updates == 0
-                do_valid = do_save or (bool(a.validate_interval_updates) and update % a.validate_interval_updates == 0)
+                is_last = bool(args.max_update) and update >= args.max_update
+                do_save = bool(args.save_interval_updates) and update % args.save_interval_updates == 0
+                do_valid = do_save or (bool(args.validate_interval_updates)
+                                       and update % args.validate_interval_updates == 0)
                 stopping = stop.should_stop(update)
                 # Keep one update in flight, except where its result is needed now (a good state to save included).
-                self._drain(keep_last=not (is_last or do_save or do_valid or stopping or update % a.log_interval == 0))
+                self._drain(keep_last=not (is_last or do_save or do_valid or stopping
+                                           or update % args.log_interval == 0))
                 if stopping:
                     self._note(f"| {stop.signal_name} received: saving a checkpoint at update {update} and stopping")
-                    summary["stopped_by"] = stop.signal_name
+                    summary.stopped_by = stop.signal_name
                     break
                 t_pause = time.perf_counter()
                 if do_valid and self.valid_sets:
@@ -333,7 +273,7 @@ class Trainer:
                     last_saved = update
                 self.interval.paused += time.perf_counter() - t_pause
             self._drain(keep_last=False)
-            if summary["stopped_by"] is None and self.valid_sets and last_validated != update and update > self.start:
+            if summary.stopped_by is None and self.valid_sets and last_validated != update and update > self.start:
                 self._validate(update)
             if last_saved != update:
                 self._save(update)
@@ -348,34 +288,15 @@ class Trainer:
                 except Exception:  # noqa: BLE001 - never mask the error that got us here
                     pass
             self.logger.close()
-        summary["end_update"] = update
-        summary["elapsed_s"] = time.perf_counter() - self.t_start
+        summary.end_update = update
+        summary.elapsed_s = time.perf_counter() - self.t_start
         if self.is_main:
-            _print_summary(summary, a, self.logger)
+            lines = summary.report_lines(no_save=args.no_save, jsonl_path=getattr(self.logger, "jsonl_path", None),
+                                         tensorboard_logdir=args.tensorboard_logdir)
+            print("\n".join(lines), flush=True)
         return summary
 
 
-def train(run) -> dict:
-    """Run training as configured by `run` (a train.RunConfig). Returns a summary (per-update losses etc.)."""
+def train(run) -> TrainSummary:
+    """Run training as configured by `run` (a train.RunConfig). Returns its summary (per-update losses etc.)."""
     return Trainer(run).run()
-
-
-def _print_summary(summary: dict, a, logger: MetricsLogger) -> None:
-    lines = [f"trained updates {summary['start_update']} -> {summary['end_update']} in {summary['elapsed_s']:.1f}s"
-             + (f" (stopped by {summary['stopped_by']})" if summary["stopped_by"] else "")]
-    valid = summary["valid"]
-    if valid:
-        first, last = valid[0], valid[-1]
-        lines.append(f"validation ppl: first {first['valid_ppl']:.2f} (update {first['update']}), "
-                     f"last {last['valid_ppl']:.2f} (update {last['update']})")
-    if summary["checkpoints"]:
-        lines.append(f"checkpoints: {summary['save_dir']}/<update>/ (latest: update {summary['checkpoints'][-1]})")
-    elif summary["resumed_from"]:
-        lines.append(f"checkpoints: none new (latest: {summary['resumed_from']})")
-    elif a.no_save:
-        lines.append("checkpoints: none (--no-save)")
-    lines.append(f"metrics log: {getattr(logger, 'jsonl_path', os.path.join(summary['save_dir'], 'train_log.jsonl'))}")
-    if a.tensorboard_logdir:
-        lines.append(f"tensorboard: tensorboard --logdir {a.tensorboard_logdir}")
-    lines.append(f"data: {summary['data']}")
-    print("\n".join(lines), flush=True)
