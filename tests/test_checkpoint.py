@@ -78,7 +78,7 @@ def test_restore_onto_another_mesh_and_keep_training(data, tmp_path):
     """(data 1, model 8) -> (data 2, model 4), same global batch: training continues as on the first mesh."""
     save = tmp_path / "run"
     first = run(base_args(data, save, "--disable-validation", mp=8, batch=4, max_update=2))
-    assert first["mesh"] == {"data": 1, "model": 8} and ckpt.list_steps(save) == [2]
+    assert first.mesh == {"data": 1, "model": 8} and ckpt.list_steps(save) == [2]
 
     with pytest.raises(UserError, match=r"global batch of 4 blocks, this run has 8 .*--batch-size 2"):
         run(base_args(data, save, mp=4, batch=4, max_update=4))
@@ -86,10 +86,10 @@ def test_restore_onto_another_mesh_and_keep_training(data, tmp_path):
         run(base_args(data, save, mp=1, batch=1, max_update=4))
 
     second = run(base_args(data, save, "--disable-validation", mp=4, batch=2, max_update=4))
-    assert second["mesh"] == {"data": 2, "model": 4} and second["start_update"] == 2
+    assert second.mesh == {"data": 2, "model": 4} and second.start_update == 2
     straight = straight_losses(data, mp=8, batch=4, max_update=4)
     for u in (3, 4):
-        np.testing.assert_allclose(second["losses"][u], straight[u], rtol=1e-5, err_msg=f"update {u}")
+        np.testing.assert_allclose(second.losses[u], straight[u], rtol=1e-5, err_msg=f"update {u}")
     assert ckpt.list_steps(save) == [2, 4]
 
 
@@ -129,11 +129,11 @@ def test_finetune_from_converted_params_then_resume(data, tmp_path):
     common = ("--seed", "5", "--disable-validation")
     scratch = run(base_args(data, tmp_path / "a", *common, "--no-save", max_update=3))
     tuned = run(base_args(data, tmp_path / "b", *common, "--finetune-from-model", str(converted), max_update=3))
-    assert tuned["start_update"] == 0 and tuned["resumed_from"] is None
+    assert tuned.start_update == 0 and tuned.resumed_from is None
     for u in (1, 2, 3):
-        assert abs(tuned["losses"][u] - scratch["losses"][u]) <= 1e-6, u
+        assert abs(tuned.losses[u] - scratch.losses[u]) <= 1e-6, u
     again = run(base_args(data, tmp_path / "b", *common, "--finetune-from-model", str(converted), max_update=4))
-    assert again["start_update"] == 3 and again["resumed_from"].endswith("/3")
+    assert again.start_update == 3 and again.resumed_from.endswith("/3")
 
     other = tmp_path / "other.json"
     other.write_text((pathlib.Path(__file__).parent.parent / "configs" / "tiny.json").read_text()

@@ -1,5 +1,6 @@
 """The model computes fairseq's transformer_lm: parity with XGLM (an implementation we did not write)."""
 
+import functools
 import math
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from m11b_jax import param_tree, sharding
-from m11b_jax.config import ModelConfig, load_config
+from m11b_jax.config import REMAT_POLICIES, ModelConfig, load_config
 from m11b_jax.errors import UserError
 from m11b_jax.fairseq_layout import to_fairseq_state_dict
 from m11b_jax.model import TransformerLM, fairseq_positions, sinusoidal_embedding
@@ -21,7 +22,8 @@ PAD = 1
 
 def random_params(cfg, seed=0):
     """Random weights everywhere, LayerNorms and biases included, so every term of the forward matters."""
-    params = jax.device_get(param_tree.init_params(cfg, sharding.make_mesh(1, jax.devices()[:1]), sharding.logical_rules(), seed=seed))
+    mesh = sharding.make_mesh(1, jax.devices()[:1])
+    params = jax.device_get(param_tree.init_params(cfg, mesh, sharding.logical_rules(), seed=seed))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: (x + 0.05 * rng.standard_normal(x.shape)).astype(np.float32), params)
 
@@ -128,21 +130,33 @@ def test_parameters_are_placed_per_the_table_without_full_copies():
     # Column block r holds heads 4r..4r+3 (contiguous), as fairseq's rank r does.
     q = layers["self_attn"]["q_proj"]["kernel"]
     for s in q.addressable_shards:
-        r = s.device.id if mesh.devices.size == 8 else None
+        r = list(mesh.devices.flat).index(s.device)  # the device's place along `model` on the (1, 8) mesh
         assert s.index[2] == slice(r * (d // 8), (r + 1) * (d // 8))
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "save_dots", "save_dots_no_batch"])
-def test_remat_policies_and_unrolled_layers_give_identical_gradients(policy):
-    params = random_params(CFG, seed=7)
-    tok = jnp.asarray(batch_with_padding(CFG, seed=8))
+@functools.cache
+def _remat_problem(attention_impl):
+    """(params, source, target, gradients without remat, layers scanned) for the remat-policy comparison."""
+    tok = batch_with_padding(CFG, seed=14)
+    src, tgt = jnp.asarray(tok[:, :-1]), np.where(tok[:, :-1] == PAD, PAD, tok[:, 1:])
+    params = random_params(CFG, seed=15)
+    return params, src, tgt, _grads(CFG.replace(attention_impl=attention_impl, remat_policy="none"), params, src, tgt)
 
-    def grad_of(cfg):
-        return jax.jit(jax.grad(lambda p: _mean_nll(TransformerLM(cfg).apply({"params": p}, tok), tok)))(params)
 
-    base = grad_of(CFG.replace(remat_policy="none"))
-    other = grad_of(CFG.replace(remat_policy=policy, scan_layers=policy != "full"))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), base, other)
+def _grads(cfg, params, src, tgt):
+    return jax.jit(jax.grad(lambda p: _mean_nll(TransformerLM(cfg).apply({"params": p}, src), tgt)))(params)
+
+
+@pytest.mark.parametrize("attention_impl", ["autodiff", "manual"])
+@pytest.mark.parametrize("policy", REMAT_POLICIES)
+def test_remat_policies_and_unrolled_layers_give_identical_gradients(policy, attention_impl):
+    """Every remat policy, with the layers unrolled (all but `full`), gives the gradients of no remat. The
+    projections take a custom-VJP product (2-D weight gradient) except under the policies that save matmul
+    outputs, which must see plain dot_generals: both forms are compared here."""
+    params, src, tgt, base = _remat_problem(attention_impl)
+    cfg = CFG.replace(attention_impl=attention_impl, remat_policy=policy, scan_layers=policy != "full")
+    other = _grads(cfg, params, src, tgt)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5, err_msg=policy), base, other)
 
 
 def test_bf16_compute_stays_close_to_fp32():
@@ -202,19 +216,3 @@ def json_roundtrip(cfg):
     import json
 
     return json.loads(cfg.to_json())
-
-
-def test_gradients_agree_across_remat_policies():
-    """Column-parallel projections take a custom-VJP product (2-D weight gradient) except under the policies that
-    save matmul outputs, which see plain dot_generals: every policy gives the same gradients."""
-    cfg = CFG.replace(attention_impl="autodiff")
-    tok = batch_with_padding(cfg, seed=14)
-    src, tgt = tok[:, :-1], np.where(tok[:, :-1] == PAD, PAD, tok[:, 1:])
-    params = random_params(cfg, seed=15)
-    grads = {}
-    for policy in ("none", "full", "save_dots", "save_dots_no_batch"):
-        model = TransformerLM(cfg.replace(remat_policy=policy))
-        grads[policy] = jax.grad(lambda p: _mean_nll(model.apply({"params": p}, jnp.asarray(src)), tgt))(params)
-    for policy in ("full", "save_dots", "save_dots_no_batch"):
-        for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[policy])):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=0, err_msg=policy)

@@ -1,12 +1,19 @@
 """The training CLI: the seed's fairseq command, --compile-only, the offline default, and one clear error
 for each kind of bad input."""
 
+import ctypes
 import json
-import pathlib
+import math
+import sys
 
+import flax.linen as nn
+import jax
 import pytest
 
+from m11b_jax import runtime, sharding
+from m11b_jax.config import load_config
 from m11b_jax.errors import UserError
+from m11b_jax.model import abstract_variables
 from m11b_jax.train import parse_args, run
 from train_fixtures import base_args, make_databin, run_cli, shared_databin
 
@@ -40,7 +47,9 @@ def test_seed_command_compile_only_reports_the_full_model_fits():
     proc = run_cli(seed_argv("no-data-needed") + ["--compile-only"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)  # exactly one JSON document, nothing else on stdout
-    assert report["params"] == 11_032_246_272
+    release = load_config("transformer_lm_megatron_11b")
+    counted = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nn.unbox(abstract_variables(release))))
+    assert report["params"] == counted == release.num_params()  # the model's own tree, 11_032_246_272
     assert report["mesh"]["shape"] == {"data": 1, "model": 8} and report["mesh"]["platform"] == "cpu"
     assert report["sequence_parallel"] is True and report["compute_dtype"] == "bfloat16"
     assert 10 * 2**30 < report["per_device_bytes"]["total"] <= 80 * 2**30 and report["fits"] is True
@@ -69,10 +78,10 @@ def test_offline_default_trains_and_reports_where_everything_went(tmp_path, caps
              "--adam-betas", "(0.9, 0.999)", "--clip-norm", "0", "--weight-decay", "0.01", "--batch-size-valid", "2"]
     summary = run(small + ["--max-update", "8", "--log-interval", "4", "--save-dir", str(save),
                            "--tensorboard-logdir", str(tb), "--no-progress-bar"])
-    assert summary["mesh"] == {"data": 4, "model": 2}
-    assert [v["update"] for v in summary["valid"]] == [0, 8]
-    assert summary["valid"][-1]["valid_ppl"] < 0.5 * summary["valid"][0]["valid_ppl"]
-    assert summary["checkpoints"] == [8] and (save / "8" / "state").is_dir()
+    assert summary.mesh == {"data": 4, "model": 2}
+    assert [v["update"] for v in summary.valid] == [0, 8]
+    assert summary.valid[-1]["valid_ppl"] < 0.5 * summary.valid[0]["valid_ppl"]
+    assert summary.checkpoints == [8] and (save / "8" / "state").is_dir()
     records = [json.loads(x) for x in (save / "train_log.jsonl").read_text().splitlines()]
     train_lines = [r for r in records if "loss" in r]
     assert [r["update"] for r in train_lines] == [4, 8]
@@ -92,9 +101,9 @@ def test_update_freq_2_through_the_cli_equals_one_double_batch(tmp_path):
     nodrop = ("--dropout", "0", "--attention-dropout", "0", "--no-save", "--disable-validation")
     two = run(base_args(data, tmp_path / "a", *nodrop, "--update-freq", "2", batch=1, max_update=3))
     one = run(base_args(data, tmp_path / "b", *nodrop, batch=2, max_update=3))
-    assert [r["wpb"] for r in two["train"]] == [r["wpb"] for r in one["train"]]
+    assert [r["wpb"] for r in two.train] == [r["wpb"] for r in one.train]
     for u in (1, 2, 3):
-        assert abs(two["losses"][u] - one["losses"][u]) < 1e-5, u
+        assert abs(two.losses[u] - one.losses[u]) < 1e-5, u
 
 
 def _tiny(data, save, *extra):
@@ -149,17 +158,17 @@ def test_bad_data_and_devices_are_one_clear_error(tmp_path):
         run(argv)
 
 
-def test_retain_host_memory_applies_on_glibc_and_can_be_opted_out(monkeypatch):
-    """The CPU allocator setting the trainer applies (see runtime.retain_host_memory): glibc's mallopt accepts it
-    here (Linux + glibc), and M11B_RETAIN_HOST_MEMORY=0 leaves the allocator alone."""
-    from m11b_jax import runtime
-
+def test_retain_host_memory_applies_where_the_c_library_has_mallopt_and_can_be_opted_out(monkeypatch):
+    """The CPU allocator setting the trainer applies (see runtime.retain_host_memory) takes effect exactly where
+    this process's C library offers mallopt (glibc does, musl does not), and M11B_RETAIN_HOST_MEMORY=0 leaves the
+    allocator alone."""
+    try:
+        has_mallopt = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallopt")
+    except OSError:
+        has_mallopt = False
     monkeypatch.setenv("M11B_RETAIN_HOST_MEMORY", "0")
     assert runtime.retain_host_memory() is False
     monkeypatch.delenv("M11B_RETAIN_HOST_MEMORY")
-    assert runtime.retain_host_memory() is True
-    import jax
-
-    from m11b_jax import sharding
-
-    assert runtime.retain_host_memory_on_cpu(sharding.make_mesh(1, jax.devices()[:1])) is True  # the CPU test devices
+    assert runtime.retain_host_memory() is has_mallopt
+    cpu_mesh = sharding.make_mesh(1, jax.devices()[:1])  # the test devices are CPUs
+    assert runtime.retain_host_memory_on_cpu(cpu_mesh) is has_mallopt

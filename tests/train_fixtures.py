@@ -112,5 +112,5 @@ def straight_losses(data: pathlib.Path, **kw) -> dict[int, float]:
     if key not in _STRAIGHT:
         save = pathlib.Path(tempfile.mkdtemp(prefix="straight-"))
         summary = run(base_args(data, save, "--no-save", **kw))
-        _STRAIGHT[key] = {int(u): v for u, v in summary["losses"].items()}
+        _STRAIGHT[key] = {int(u): v for u, v in summary.losses.items()}
     return _STRAIGHT[key]
