@@ -14,11 +14,11 @@ from m11b_jax.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention")
 # The remat policies that keep matmul outputs: they must see each projection as a plain `dot_general`.
-MATMUL_SAVING_POLICIES = ("save_dots", "save_dots_no_batch")
+MATMUL_SAVING_POLICIES = ("save_dots", "save_dots_no_batch", "save_attention")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("autodiff", "manual")
+ATTENTION_IMPLS = ("autodiff", "manual", "flash", "cudnn")
 LOSS_IMPLS = ("logits", "fused")
 WEIGHT_GRAD_IMPLS = ("flat", "transposed")
 
@@ -48,7 +48,9 @@ class ModelConfig:
     scan_layers: bool = True
     # Attention core: "autodiff" (einsums, JAX derives the backward; the default, measured on GPUs and under
     # every remat policy) or "manual" (m11b_jax.attention: hand-written backward in plain-GEMM layouts, for
-    # CPU runs without remat). The same function either way.
+    # CPU runs without remat), or the fused GPU kernels of m11b_jax.flash_attention: "flash" (Pallas/Triton, with
+    # attention dropout; Pallas interpret mode on CPUs) or "cudnn" (jax.nn.dot_product_attention; bf16/fp16,
+    # attention dropout 0). The same function either way (flash's dropout mask is a hash, not the others' draw).
     attention_impl: str = "autodiff"
     # Output projection + loss in training: "logits" (the model returns the [batch, length, V] logits and the
     # criterion takes them; the default, and the only choice with a model axis) or "fused"
@@ -110,6 +112,12 @@ class ModelConfig:
             raise UserError(f"weight_grad_impl='transposed' hides the projections from remat policy "
                             f"{self.remat_policy!r}, which saves matmul outputs: use --remat-policy none or full, "
                             "or weight_grad_impl='flat'")
+        if self.attention_impl == "cudnn" and self.attention_dropout > 0:
+            raise UserError(f"attention_impl='cudnn' has no attention dropout (attention_dropout="
+                            f"{self.attention_dropout}): use --attention-impl flash, or --attention-dropout 0")
+        if self.attention_impl == "cudnn" and self.compute_dtype == "float32":
+            raise UserError("attention_impl='cudnn' runs in bfloat16 or float16, not float32: add --bf16 (or --fp16), "
+                            "or use --attention-impl flash")
         if self.loss_impl == "fused" and mp > 1:
             raise UserError(f"loss_impl='fused' works without a model axis, not with --model-parallel-size {mp}: "
                             "use loss_impl='logits' (the vocab-parallel loss) or --model-parallel-size 1")

@@ -22,6 +22,7 @@ from m11b_jax.attention import causal_allowed, causal_attention
 from m11b_jax.axis_names import (ACTIVATION_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, MLP, RESIDUAL_LENGTH,
                                  TP_LENGTH, VOCAB)
 from m11b_jax.config import ModelConfig, jax_dtype
+from m11b_jax.flash_attention import SAVE_ATTENTION_POLICY, dropout_seed, fused_attention
 from m11b_jax.ops import dropout_16bit, keep_mask_16bit, projection_dot_general
 
 # What the backward pass of each remat policy (config REMAT_POLICIES, "none" aside) may keep from the forward.
@@ -29,6 +30,7 @@ _REMAT_SAVEABLE = {
     "full": None,  # nothing but the layer input: the whole layer is recomputed
     "save_dots": jax.checkpoint_policies.dots_saveable,  # every matmul output
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections, not scores
+    "save_attention": SAVE_ATTENTION_POLICY,  # projections + fused attention's output and lse: no attention re-run
 }
 
 
@@ -102,6 +104,11 @@ class SelfAttention(nn.Module):
         v = heads(_projection(x, d, (EMBED, HEADS), cfg, "v_proj", column_parallel=True))
 
         dropout = not deterministic and cfg.attention_dropout > 0
+        if cfg.attention_impl in ("flash", "cudnn"):  # fused GPU kernels (m11b_jax.flash_attention)
+            seed = dropout_seed(self.make_rng("dropout")) if dropout else None
+            out = fused_attention(cfg.attention_impl, q, k, v, key_mask, seed, cfg.attention_dropout * dropout)
+            out = nn.with_logical_constraint(out, (BATCH, TP_LENGTH, HEADS, HEAD_DIM)).reshape(b, t, d)
+            return _projection(out, d, (HEADS, EMBED), cfg, "out_proj", column_parallel=False)
         if cfg.attention_impl == "manual":
             keep, keep_scale = None, 1.0
             if dropout:
