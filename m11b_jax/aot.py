@@ -96,8 +96,9 @@ def memory(compiled) -> dict:
 
 def compile_train_step(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample: int, update_freq: int = 1,
                        sequence_parallel: bool = False, ocfg: OptimConfig | None = None,
-                       criterion: str = "vocab_parallel_cross_entropy"):
-    """Lower and compile the train step for `mesh` from abstract inputs. batch_size is per data replica."""
+                       criterion: str = "vocab_parallel_cross_entropy", compiler_options: dict | None = None):
+    """Lower and compile the train step for `mesh` from abstract inputs. batch_size is per data replica;
+    compiler_options: XLA options for this compile (e.g. targets.GPU_COMPILER_SETTINGS)."""
     ocfg = ocfg or OptimConfig()
     rules = sharding.logical_rules(sequence_parallel=sequence_parallel)
     state = abstract_train_state(cfg, mesh, rules, ocfg)
@@ -107,7 +108,7 @@ def compile_train_step(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sa
              for k in ("source", "target")}
     step = make_train_step(cfg, mesh, rules, ocfg, criterion=criterion)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile(compiler_options or None)
     return compiled, time.perf_counter() - t0
 
 

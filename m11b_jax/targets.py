@@ -32,6 +32,27 @@ PEAK_BF16_FLOPS = {  # the first key found in device_kind wins: specific names b
 }
 
 
+# Named XLA:GPU compiler settings, passed as `compiler_options` when the train step is compiled; each one is
+# measurable on or off (benchmarks/gpu_mfu_sweep.py). "default" leaves XLA's own defaults.
+GPU_COMPILER_SETTINGS = {
+    "default": {},
+    # cuBLAS for every matmul instead of autotuned Triton GEMM fusions (fewer, larger library GEMMs)
+    "no_triton_gemm": {"xla_gpu_enable_triton_gemm": False},
+    # overlap collectives with compute (multi-GPU meshes)
+    "latency_hiding": {"xla_gpu_enable_latency_hiding_scheduler": True},
+    # launch each step's kernels from CUDA graphs where XLA can (fewer launch gaps between small kernels)
+    "command_buffers": {"xla_gpu_graph_min_graph_size": 1},
+    "all": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_latency_hiding_scheduler": True,
+            "xla_gpu_graph_min_graph_size": 1},
+}
+
+
+def compiler_options(name: str) -> dict:
+    if name not in GPU_COMPILER_SETTINGS:
+        raise UserError(f"unknown GPU compiler settings {name!r}: choose one of {', '.join(GPU_COMPILER_SETTINGS)}")
+    return dict(GPU_COMPILER_SETTINGS[name])
+
+
 def peak_flops(device_kind: str) -> float | None:
     for key, flops in PEAK_BF16_FLOPS.items():
         if key.lower() in device_kind.lower():
