@@ -93,9 +93,10 @@ def analyze(hlo: str, seq_len: int) -> dict:
                 continue
             name, shape, op, rest = m.groups()
             shapes[name] = shape
-            dims = [[int(d) for d in filter(None, s.split(","))] for _, s in _SHAPE.findall(shape)]
-            if any(len(d) >= 3 and d.count(seq_len) >= 2 for d in dims):
-                btt.add(re.sub(r"\{[^}]*\}", "", shape))
+            for dtype, dims in _SHAPE.findall(shape):
+                d = [int(x) for x in filter(None, dims.split(","))]
+                if len(d) >= 3 and d.count(seq_len) >= 2:
+                    btt.add(f"{dtype}[{dims}]")
             if op in _FREE:
                 continue
             operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0] if "), " in rest else rest)
