@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from m11b_jax import sharding
 from m11b_jax.axis_names import BATCH
 from m11b_jax.config import ModelConfig
+from m11b_jax.flash_attention import check_platform
 from m11b_jax.loss import criterion_fn, output_cross_entropy
 from m11b_jax.model import TransformerLM, init_variables
 from m11b_jax.param_tree import abstract_params, param_shardings
@@ -99,6 +100,7 @@ def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, c
     mesh) or `rbg` (XLA's RngBitGenerator: much cheaper on GPUs; deterministic for a given program)."""
     if cfg.loss_impl == "fused":
         cfg.validate(mesh.shape[sharding.MODEL])  # the fused loss has no model axis: a one-line error otherwise
+    check_platform(cfg.attention_impl, mesh.devices.flat[0].platform)  # cudnn needs a GPU; flash on CPU: a warning
     model = TransformerLM(cfg)
     tx = ocfg.optimizer()
     loss_of = criterion_fn(criterion, mesh, rules, cfg.pad_idx)

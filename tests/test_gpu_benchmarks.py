@@ -62,7 +62,7 @@ def test_traffic_analysis_counts_kernels_by_category_and_loop_trips():
 
 def test_sweep_dry_run_prints_json_lines_within_its_budget(capsys):
     sweep = _load("gpu_mfu_sweep")
-    sweep.main(["--dry-run", "--budget-s", "25", "--step-estimate-s", "8"])
+    sweep.main(["--dry-run", "--budget-s", "15", "--step-estimate-s", "6"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert rows[0]["part"] == "setup" and rows[0]["dry_run"] and rows[-1]["part"] == "done"
     assert {r["shape"] for r in rows if r.get("part") == "matmul"} == {"qkv/out", "fc1", "fc2", "logits"}
@@ -74,7 +74,7 @@ def test_sweep_dry_run_prints_json_lines_within_its_budget(capsys):
         if r.get("part") == "step":  # no MFU on a CPU (unknown peak); the rest is measured
             assert r["mfu"] is None and r["tokens_per_s"] > 0 and r["compiled_gib"] > 0
     # Budget: a part starts only if its estimate fits (the last part may overrun its estimate)
-    assert rows[-1]["elapsed_s"] < 25 + 60
+    assert rows[-1]["elapsed_s"] < 15 + 60
 
 
 @pytest.mark.parametrize("name", ["default", "all"])
