@@ -38,12 +38,17 @@ _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "whil
 _COLLECTIVE = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def shape_bytes(shape: str) -> int:
+def shape_bytes(shape: str, stacked: int | None = None) -> int:
+    """Bytes of an HLO shape (tuples summed). stacked=n (inside a loop of n trips): an array whose leading axis
+    is n is a scanned stack of per-layer arrays, of which one iteration reads or writes one slice (1/n)."""
     total = 0
     for dtype, dims in _SHAPE.findall(shape):
         n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
+        dims = [int(d) for d in filter(None, dims.split(","))]
+        for d in dims:
+            n *= d
+        if stacked and len(dims) >= 2 and dims[0] == stacked:
+            n //= stacked
         total += n * _BYTES[dtype]
     return total
 
@@ -65,7 +70,7 @@ def analyze(hlo: str, seq_len: int) -> dict:
     """Per-step kernel traffic by category, attention custom calls, and [.., T, T] arrays of an optimized HLO."""
     comps = _computations(hlo)
     entry = comps.pop("__entry__")
-    mult = {entry: 1}
+    mult, trips_of = {entry: 1}, {entry: None}
     order = [entry]
     for comp in order:  # executed computations: entry, loop bodies (x trip count), conditional branches
         for line in comps[comp]:
@@ -76,11 +81,12 @@ def analyze(hlo: str, seq_len: int) -> dict:
                 body = re.search(r"body=%?([\w.\-]+)", line).group(1)
                 trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
                 mult[body] = mult[comp] * (int(trips.group(1)) if trips else 1)
+                trips_of[body] = int(trips.group(1)) if trips else None
                 order.append(body)
             elif m.group(3) == "conditional":
                 for b in re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", line) or
                                                      re.search(r"(true_computation=\S+)", line)).group(1)):
-                    mult[b] = mult[comp]
+                    mult[b], trips_of[b] = mult[comp], trips_of[comp]
                     order.append(b)
     traffic = defaultdict(float)
     fwd = calls = 0
@@ -100,7 +106,8 @@ def analyze(hlo: str, seq_len: int) -> dict:
             if op in _FREE:
                 continue
             operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0] if "), " in rest else rest)
-            nbytes = shape_bytes(shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands)
+            n = trips_of[comp]
+            nbytes = shape_bytes(shape, n) + sum(shape_bytes(shapes.get(o, ""), n) for o in operands)
             if op.replace("-start", "").replace("-done", "") in _COLLECTIVE:
                 cat = "collective" if not op.endswith("-done") else None
             elif op == "custom-call" and ("flash_attention" in line or "__cudnn$fmha" in line):
@@ -127,7 +134,7 @@ def _fusion_is_matmul(line: str, comps: dict) -> bool:
     return any(re.search(r"\s(dot|convolution)\(|__cublas|gemm", b) for b in body)
 
 
-def run_setting(label, cfg, mesh, batch, seq, sp, target, compiler_options=None):
+def run_setting(label, cfg, mesh, batch, seq, sp, target, compiler_options=None, save_hlo=None):
     from m11b_jax import aot
 
     t0 = time.perf_counter()
@@ -138,7 +145,12 @@ def run_setting(label, cfg, mesh, batch, seq, sp, target, compiler_options=None)
            "attention_impl": cfg.attention_impl, "remat_policy": cfg.remat_policy,
            "attention_dropout": cfg.attention_dropout, "sequence_parallel": sp,
            "per_device_gib": round(mem["total"] / 2**30, 2), "temporaries_gib": round(mem["temporaries"] / 2**30, 2)}
-    row.update(analyze(compiled.as_text(), seq))
+    text = compiled.as_text()
+    row.update(analyze(text, seq))
+    if save_hlo:
+        os.makedirs(save_hlo, exist_ok=True)
+        with open(os.path.join(save_hlo, label.replace(" ", "_") + ".hlo.txt"), "w") as f:
+            f.write(text)
     row["compile_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(row), flush=True)
     return row
@@ -149,6 +161,7 @@ def main():
     ap.add_argument("--target", default="h100", help="a GPU from m11b_jax.targets")
     ap.add_argument("--only", choices=("1.3b", "11b"), default=None)
     ap.add_argument("--settings", default="default", help="GPU compiler settings (m11b_jax.targets) for the 1.3B")
+    ap.add_argument("--save-hlo", default=None, help="also write each compiled program's text to this folder")
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -166,12 +179,12 @@ def main():
             ("flash", base.replace(attention_impl="flash", remat_policy="save_attention")),
             ("cudnn", base.replace(attention_impl="cudnn", remat_policy="save_attention", attention_dropout=0.0)),
         ]:
-            rows.append(run_setting(f"1.3b {label}", cfg, mesh, 16, 1024, False, args.target, opts))
+            rows.append(run_setting(f"1.3b {label}", cfg, mesh, 16, 1024, False, args.target, opts, args.save_hlo))
     if args.only in (None, "11b"):
         mesh = aot.target_mesh(args.target, 8, 8)
         base = load_config("transformer_lm_megatron_11b", compute_dtype="bfloat16", remat_policy="full")
         for label, cfg in [("today", base), ("flash", base.replace(attention_impl="flash"))]:
-            rows.append(run_setting(f"11b {label}", cfg, mesh, 8, 1024, True, args.target))
+            rows.append(run_setting(f"11b {label}", cfg, mesh, 8, 1024, True, args.target, None, args.save_hlo))
     by = {r["setting"]: r for r in rows}
     if "1.3b today" in by and "1.3b flash" in by:
         other = lambda r: r["traffic_gb"].get("other", 0.0)  # noqa: E731
