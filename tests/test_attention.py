@@ -104,5 +104,5 @@ def test_manual_attention_on_meshes(shape):
 
 
 def test_unknown_attention_impl_is_a_clear_error():
-    with pytest.raises(UserError, match="unknown attention_impl 'flash'.*autodiff, manual"):
-        load_config("tiny", attention_impl="flash").validate()
+    with pytest.raises(UserError, match="unknown attention_impl 'fast'.*autodiff, manual, flash, cudnn"):
+        load_config("tiny", attention_impl="fast").validate()
