@@ -19,43 +19,47 @@ def _load(name):
 
 HLO = """HloModule m
 
-%fused_add (p0: f32[8,64]) -> f32[8,64] {
-  %p0 = f32[8,64]{1,0} parameter(0)
-  ROOT %add.1 = f32[8,64]{1,0} add(%p0, %p0)
+%fused_add (p0: f32[1024,262144]) -> f32[1024,262144] {
+  %p0 = f32[1024,262144]{1,0} parameter(0)
+  ROOT %add.1 = f32[1024,262144]{1,0} add(%p0, %p0)
 }
 
-%body (arg: (s32[], f32[8,64])) -> (s32[], f32[8,64]) {
-  %arg = (s32[], f32[8,64]{1,0}) parameter(0)
-  %x = f32[8,64]{1,0} get-tuple-element(%arg), index=1
-  %fusion.1 = f32[8,64]{1,0} fusion(%x), kind=kLoop, calls=%fused_add
-  %gemm.1 = f32[8,64]{1,0} custom-call(%fusion.1, %x), custom_call_target="__cublas$gemm"
+%body (arg: (s32[], f32[1024,262144])) -> (s32[], f32[1024,262144]) {
+  %arg = (s32[], f32[1024,262144]{1,0}) parameter(0)
+  %x = f32[1024,262144]{1,0} get-tuple-element(%arg), index=1
+  %fusion.1 = f32[1024,262144]{1,0} fusion(%x), kind=kLoop, calls=%fused_add
+  %gemm.1 = f32[1024,262144]{1,0} custom-call(%fusion.1, %x), custom_call_target="__cublas$gemm"
   %scores = bf16[2,4,64,64]{3,2,1,0} custom-call(%x), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="flash_attention_fwd"}
+  %probs = bf16[2,4,64,64]{3,2,1,0} custom-call(%x), custom_call_target="__cublas$gemm"
   %i = s32[] get-tuple-element(%arg), index=0
-  ROOT %t = (s32[], f32[8,64]{1,0}) tuple(%i, %gemm.1)
+  ROOT %t = (s32[], f32[1024,262144]{1,0}) tuple(%i, %gemm.1)
 }
 
-%cond (arg: (s32[], f32[8,64])) -> pred[] {
-  %arg = (s32[], f32[8,64]{1,0}) parameter(0)
+%cond (arg: (s32[], f32[1024,262144])) -> pred[] {
+  %arg = (s32[], f32[1024,262144]{1,0}) parameter(0)
   ROOT %c = pred[] constant(true)
 }
 
-ENTRY %main (a: f32[8,64]) -> f32[8,64] {
-  %a = f32[8,64]{1,0} parameter(0)
+ENTRY %main (a: f32[1024,262144]) -> f32[1024,262144] {
+  %a = f32[1024,262144]{1,0} parameter(0)
   %i0 = s32[] constant(0)
-  %tup = (s32[], f32[8,64]{1,0}) tuple(%i0, %a)
-  %w = (s32[], f32[8,64]{1,0}) while(%tup), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
-  %r = f32[8,64]{1,0} get-tuple-element(%w), index=1
-  ROOT %out = f32[8,64]{1,0} fusion(%r), kind=kLoop, calls=%fused_add
+  %tup = (s32[], f32[1024,262144]{1,0}) tuple(%i0, %a)
+  %w = (s32[], f32[1024,262144]{1,0}) while(%tup), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %r = f32[1024,262144]{1,0} get-tuple-element(%w), index=1
+  ROOT %out = f32[1024,262144]{1,0} fusion(%r), kind=kLoop, calls=%fused_add
 }
 """
 
 
 def test_traffic_analysis_counts_kernels_by_category_and_loop_trips():
     a = _load("bench_gpu_aot").analyze(HLO, seq_len=64)
-    buf = 8 * 64 * 4
+    buf = 1024 * 262144 * 4  # 1.07 GB
     assert a["traffic_gb"]["other"] == round((3 * 2 * buf + 2 * buf) / 1e9, 2)  # the loop fusion x3 + the last
     assert a["traffic_gb"]["matmul"] == round(3 * 3 * buf / 1e9, 2)
     assert a["fused_attention_calls"] == 1 and a["attention_forwards"] == 1
+    assert a["traffic_gb"]["attention"] == round(3 * (2 * 4 * 64 * 64 * 2 + buf) / 1e9, 2)
+    assert a["traffic_gb"]["attention_unfused"] == a["traffic_gb"]["attention"]  # a GEMM writing [.., T, T]
+    assert a["non_matmul_gb"] == round((3 * 2 * buf + 2 * buf + 6 * (2 * 4 * 64 * 64 * 2 + buf)) / 1e9, 2)
     assert a["btt_arrays"] == ["bf16[2,4,64,64]"]
     assert _load("bench_gpu_aot").shape_bytes("(f32[2,3]{1,0}, bf16[4])") == 24 + 8
 
