@@ -44,7 +44,7 @@ from m11b_jax.errors import UserError
 # checkpoint_name tags of the flash forward's residuals: the remat policy "save_attention" keeps them.
 OUT_NAME, LSE_NAME = "attention_out", "attention_lse"
 _NEG = -1e30  # masked scores: finite, so a block with no visible key never makes inf - inf
-_BATCH_AXES = ("activation_batch", "activation_seq", "activation_heads", "activation_kv")  # q/k/v [b, t, h, hd]
+_QKV_AXES = ("activation_batch", "activation_seq", "activation_heads", "activation_kv")  # q/k/v [b, t, h, hd]
 
 # ---------------------------------------------------------------------------------------------- the hash mask
 
@@ -221,14 +221,15 @@ def _params(hd: int, interpret: bool):
     return plgpu.CompilerParams(num_warps=4 if hd <= 64 else 8, num_stages=2)
 
 
-def _specs(b_len_base: bool, t: int, hdp: int, rows: int, kind: str):
-    """BlockSpecs over a grid (block index, batch row, head)."""
+def _specs(dropout: bool, t: int, hdp: int, rows: int, kind: str):
+    """BlockSpecs over a grid (block index, batch row, head): a `rows`-long tile or the whole sequence of q/k/v-like
+    [b, T, h, hd] arrays or of [b, h, T] vectors (lse, delta); the row's length; the (row, head) hash word."""
     tile = pl.BlockSpec((None, rows, None, hdp), lambda i, b, h: (b, i, h, 0))
     whole = pl.BlockSpec((None, t, None, hdp), lambda i, b, h: (b, 0, h, 0))
     vec_tile = pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i))
     vec_whole = pl.BlockSpec((None, None, t), lambda i, b, h: (b, h, 0))
     length = pl.BlockSpec((None, 1), lambda i, b, h: (b, 0))
-    base = pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, 0)) if b_len_base else None
+    base = pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, 0)) if dropout else None
     return {"tile": tile, "whole": whole, "vec_tile": vec_tile, "vec_whole": vec_whole, "len": length, "base": base}[kind]
 
 
@@ -348,7 +349,7 @@ def cudnn_attention(q, k, v, lengths):
 
 
 def _axis_index(axes):
-    """Linear index of this shard along mesh axes `axes` (None, a name, or a tuple of names), and their size."""
+    """Linear index of this shard along mesh axes `axes` (None, a name, or a tuple of names)."""
     if axes is None:
         return 0
     return jax.lax.axis_index(axes)
@@ -370,7 +371,7 @@ def fused_attention(impl: str, q, k, v, key_mask, seed=None, rate: float = 0.0):
     if mesh.empty:
         spec = (None, None, None, None)
         return local(q, k, v, lengths, seed)
-    spec = tuple(nn.logical_to_mesh_axes(_BATCH_AXES))
+    spec = tuple(nn.logical_to_mesh_axes(_QKV_AXES))
     P = jax.sharding.PartitionSpec
     fn = jax.shard_map(local, in_specs=(P(*spec), P(*spec), P(*spec), P(spec[0]), P()), out_specs=P(*spec),
                        check_vma=False)
