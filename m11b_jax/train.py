@@ -24,6 +24,7 @@ import textwrap
 from typing import Sequence
 
 from m11b_jax.config import ATTENTION_IMPLS, LOSS_IMPLS, REMAT_POLICIES, WEIGHT_GRAD_IMPLS
+from m11b_jax.targets import GPU_COMPILER_SETTINGS
 from m11b_jax.errors import UserError, cli_main
 
 MEGATRON_ARCH = "transformer_lm_megatron_11b"
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=1,
                    help="N > 0: a background thread prepares N updates' batches ahead; 0: in the loop")
     g.add_argument("--seed", type=int, default=1, help="initialization, data order and dropout (keys = seed, update)")
+    g.add_argument("--gpu-compiler-settings", choices=tuple(GPU_COMPILER_SETTINGS), default="default",
+                   help="named XLA:GPU compiler options for the train step (m11b_jax/targets.py); ignored off GPUs")
     g.add_argument("--dropout-rng", choices=("auto", "threefry2x32", "rbg"), default="auto",
                    help="dropout mask generator: threefry2x32 gives the same masks on any mesh and backend; rbg "
                         "(XLA's RngBitGenerator) is much cheaper on GPUs and deterministic for a given program. "

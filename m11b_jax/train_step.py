@@ -93,11 +93,13 @@ def batch_shardings(mesh: Mesh, rules) -> dict:
 
 
 def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, criterion: str = "vocab_parallel_cross_entropy",
-                    seed: int = 1, donate: bool = True, rng_impl: str = "threefry2x32"):
+                    seed: int = 1, donate: bool = True, rng_impl: str = "threefry2x32",
+                    compiler_options: dict | None = None):
     """Returns a jitted `step(state, batch) -> (state, metrics)`; metrics are replicated fp32 scalars.
 
     rng_impl: the dropout generator, `threefry2x32` (JAX's default: identical masks on any backend and
-    mesh) or `rbg` (XLA's RngBitGenerator: much cheaper on GPUs; deterministic for a given program)."""
+    mesh) or `rbg` (XLA's RngBitGenerator: much cheaper on GPUs; deterministic for a given program).
+    compiler_options: XLA options for the step's compile (m11b_jax.targets.GPU_COMPILER_SETTINGS on GPUs)."""
     if cfg.loss_impl == "fused":
         cfg.validate(mesh.shape[sharding.MODEL])  # the fused loss has no model axis: a one-line error otherwise
     check_platform(cfg.attention_impl, mesh.devices.flat[0].platform)  # cudnn needs a GPU; flash on CPU: a warning
@@ -157,7 +159,8 @@ def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, c
         return new_state, metrics
 
     jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(mesh, rules)),
-                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,) if donate else ())
+                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,) if donate else (),
+                     compiler_options=compiler_options or None)
 
     def run(state, batch):
         with sharding.activate(mesh, rules):

@@ -28,6 +28,7 @@ from m11b_jax import checkpoint as ckpt
 from m11b_jax import params_io, runtime, sharding, train_data
 from m11b_jax.config import analytic_train_flops
 from m11b_jax.corpus import ensure_offline_corpus
+from m11b_jax.targets import compiler_options
 from m11b_jax.train_metrics import IntervalStats, MetricsLogger, TrainSummary, base2_ppl, check_finite, peak_flops
 from m11b_jax.train_step import (abstract_train_state, init_train_state, make_eval_loss, make_train_step,
                                  state_from_params, state_shardings)
@@ -110,8 +111,9 @@ class Trainer:
 
         self.rng_impl = args.dropout_rng if args.dropout_rng != "auto" else (
             "rbg" if jax.default_backend() == "gpu" else "threefry2x32")
+        gpu_options = compiler_options(args.gpu_compiler_settings) if jax.default_backend() == "gpu" else None
         self.step_fn = make_train_step(self.cfg, self.mesh, self.rules, self.ocfg, criterion=args.criterion,
-                                       seed=self.seed, rng_impl=self.rng_impl)
+                                       seed=self.seed, rng_impl=self.rng_impl, compiler_options=gpu_options)
         self.eval_fn = make_eval_loss(self.cfg, self.mesh, self.rules, criterion=args.criterion)
         self.saver = None if args.no_save else ckpt.Checkpointer(self.save_dir, keep=args.keep_interval_updates)
 
