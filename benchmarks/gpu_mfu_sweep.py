@@ -233,9 +233,10 @@ def kernel_categories(path: str) -> dict:
              [p for p in data.planes if p.name.startswith("/host:CPU")]
     totals = defaultdict(float)
     for plane in planes:
-        for line in plane.lines:
-            if plane.name.startswith("/host") and "XLA" not in line.name:
-                continue
+        lines = list(plane.lines)
+        # GPU: the CUDA stream lines hold the kernels (the "XLA Ops" line repeats them as HLO ops); CPU: XLA ops
+        wanted = [ln for ln in lines if ("Stream" in ln.name if plane.name.startswith("/device") else "XLA" in ln.name)]
+        for line in wanted or lines:
             for ev in line.events:
                 totals[category(ev.name)] += ev.duration_ns
     return dict(totals)
