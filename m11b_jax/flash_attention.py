@@ -44,7 +44,6 @@ from m11b_jax.errors import UserError
 # checkpoint_name tags of the flash forward's residuals: the remat policy "save_attention" keeps them.
 OUT_NAME, LSE_NAME = "attention_out", "attention_lse"
 _NEG = -1e30  # masked scores: finite, so a block with no visible key never makes inf - inf
-_QKV_AXES = ("activation_batch", "activation_seq", "activation_heads", "activation_kv")  # q/k/v [b, t, h, hd]
 
 # ---------------------------------------------------------------------------------------------- the hash mask
 
@@ -355,10 +354,10 @@ def _axis_index(axes):
     return jax.lax.axis_index(axes)
 
 
-def fused_attention(impl: str, q, k, v, key_mask, seed=None, rate: float = 0.0):
+def fused_attention(impl: str, q, k, v, key_mask, seed=None, rate: float = 0.0, axes=(None, None, None, None)):
     """The model's attention core for `attention_impl` "flash" or "cudnn": q (scaled), k, v [b, T, h, hd],
-    key_mask [b, T] (right padding: the length is its count of True). Under a mesh, runs per shard with the
-    specs the logical-axis table gives (batch, seq, heads, kv)."""
+    key_mask [b, T] (right padding: the length is its count of True). axes: the logical names of q's axes; under
+    a mesh the kernels run per shard, with the specs the logical-axis table gives those names."""
     lengths = key_mask.sum(axis=1, dtype=jnp.int32)
     if impl == "cudnn":
         local = lambda q, k, v, n, s: cudnn_attention(q, k, v, n)  # noqa: E731
@@ -371,7 +370,7 @@ def fused_attention(impl: str, q, k, v, key_mask, seed=None, rate: float = 0.0):
     if mesh.empty:
         spec = (None, None, None, None)
         return local(q, k, v, lengths, seed)
-    spec = tuple(nn.logical_to_mesh_axes(_QKV_AXES))
+    spec = tuple(nn.logical_to_mesh_axes(axes))
     P = jax.sharding.PartitionSpec
     fn = jax.shard_map(local, in_specs=(P(*spec), P(*spec), P(*spec), P(spec[0]), P()), out_specs=P(*spec),
                        check_vma=False)

@@ -106,7 +106,8 @@ class SelfAttention(nn.Module):
         dropout = not deterministic and cfg.attention_dropout > 0
         if cfg.attention_impl in ("flash", "cudnn"):  # fused GPU kernels (m11b_jax.flash_attention)
             seed = dropout_seed(self.make_rng("dropout")) if dropout else None
-            out = fused_attention(cfg.attention_impl, q, k, v, key_mask, seed, cfg.attention_dropout * dropout)
+            out = fused_attention(cfg.attention_impl, q, k, v, key_mask, seed, cfg.attention_dropout * dropout,
+                                  (BATCH, TP_LENGTH, HEADS, HEAD_DIM))
             out = nn.with_logical_constraint(out, (BATCH, TP_LENGTH, HEADS, HEAD_DIM)).reshape(b, t, d)
             return _projection(out, d, (HEADS, EMBED), cfg, "out_proj", column_parallel=False)
         if cfg.attention_impl == "manual":

@@ -17,9 +17,11 @@ from m11b_jax import flash_attention as F
 from m11b_jax import sharding as S
 from m11b_jax.config import load_config
 from m11b_jax.errors import UserError
+from m11b_jax.axis_names import BATCH, HEAD_DIM, HEADS, TP_LENGTH
 from m11b_jax.model import TransformerLM
 
 PAD = 1
+AXES = (BATCH, TP_LENGTH, HEADS, HEAD_DIM)  # the logical names of the model's q/k/v axes
 # Interpret-mode kernels make large CPU programs: compile them with XLA's cheap settings (2-3x faster).
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
                                                                  "xla_llvm_disable_expensive_passes": True})
@@ -89,7 +91,7 @@ def test_sharded_flash_equals_the_global_reference():
     rules = S.logical_rules()
     spec = NamedSharding(mesh, P(S.DATA, None, S.MODEL, None))
     with S.activate(mesh, rules):
-        out = jit(lambda q, k, v: F.fused_attention("flash", q, k, v, key_mask, seed, rate))(
+        out = jit(lambda q, k, v: F.fused_attention("flash", q, k, v, key_mask, seed, rate, AXES))(
             *(jax.device_put(x, spec) for x in (q, k, v)))
     expect = F.reference_attention(q, k, v, key_mask.sum(1), seed, rate=rate)
     np.testing.assert_allclose(out, expect, atol=1e-5, rtol=0)
