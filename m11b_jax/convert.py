@@ -2,6 +2,11 @@
 
     python -m m11b_jax.convert SRC OUT [--dtype float32|bfloat16|float16] [--verify]
     python -m m11b_jax.convert --to-fairseq CKPT OUTDIR --model-parallel-size N [--dtype ...] [--legacy-format]
+    python -m m11b_jax.convert --to-hf CKPT OUTDIR [--bpe-dir DIR] [--dtype ...] [--max-shard-size 5GB]
+    python -m m11b_jax.convert --from-hf HFDIR OUT [--dtype ...]
+
+CKPT (for --to-fairseq and --to-hf) is our params checkpoint or a training checkpoint: a --save-dir (its newest
+update) or one update's directory SAVE_DIR/<update>. The Hugging Face layout (XGLMForCausalLM) is in m11b_jax.hf.
 
 SRC is the unpacked release directory (dict.txt + model-model_part-{0..7}.pt) or fairseq's `--path` form
 DIR/model.pt (meaning DIR/model-model_part-{rank}.pt, or the one file DIR/model.pt of a non-sharded model).
@@ -37,8 +42,8 @@ from m11b_jax.fairseq_io import (checkpoint_options, dictionary_multiple, find_s
                                  tensor_to_numpy)
 from m11b_jax.fairseq_layout import (BOOKKEEPING, TIED_ALIASES, VERSION_KEY, fairseq_keys, fairseq_shard_shape,
                                      rank_block, to_fairseq, to_ours)
-from m11b_jax.params_io import (ParamsReader, ParamsWriter, dictionary_path, load_model_config, load_params,
-                                numpy_dtype)
+from m11b_jax.params_io import ParamsWriter, dictionary_path, load_model_config, load_params, numpy_dtype
+from m11b_jax.params_source import open_params_source
 from m11b_jax.textio import atomic_directory
 
 EMBED_KEY = "decoder.embed_tokens.weight"
@@ -239,15 +244,15 @@ def fairseq_args(cfg: ModelConfig, mp: int) -> argparse.Namespace:
 def export_fairseq(ckpt, outdir, model_parallel_size: int, dtype: str | None = None, legacy_format: bool = False,
                    log=_log) -> list[pathlib.Path]:
     """Write our checkpoint as release-layout fairseq shards, one rank at a time (only its slices are read)."""
-    reader = ParamsReader(ckpt)
-    cfg = load_model_config(ckpt)
+    source = open_params_source(ckpt)
+    reader, cfg = source.reader, source.cfg
     mp = model_parallel_size
     cfg.validate(mp)
     out_dtype = numpy_dtype(dtype or reader.dtype_name)
     outdir = pathlib.Path(outdir)
     if outdir.exists():
         raise UserError(f"output {outdir} already exists: remove it or choose another path")
-    dict_file = dictionary_path(ckpt)
+    dict_file = source.dictionary
     if dict_file is not None:
         n = len(Dictionary.load(dict_file))
         expected = padded_size(n, 8 * mp)
@@ -390,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-parallel-size", type=int, help="number of shards to write with --to-fairseq")
     p.add_argument("--legacy-format", action="store_true",
                    help="with --to-fairseq: PyTorch's pre-1.6 (non-zip) serialization, as the release used")
+    p.add_argument("--to-hf", nargs=2, metavar=("CKPT", "OUTDIR"),
+                   help="write CKPT as a Hugging Face XGLMForCausalLM directory OUTDIR (safetensors)")
+    p.add_argument("--bpe-dir", help="with --to-hf: folder with GPT-2's encoder.json and vocab.bpe, to also write "
+                                     "a tokenizer whose ids are the checkpoint's dictionary ids")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="with --to-hf: largest safetensors file before splitting (default 5GB)")
+    p.add_argument("--from-hf", nargs=2, metavar=("HFDIR", "OUT"),
+                   help="convert a Hugging Face XGLM-layout model directory HFDIR into our checkpoint OUT")
     return p
 
 
@@ -397,6 +410,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.to_hf or args.from_hf:
+        from m11b_jax import hf
+
+        if args.src or args.out or args.verify or args.to_fairseq or args.model_parallel_size or args.legacy_format:
+            parser.error("--to-hf / --from-hf take no SRC OUT, --verify, --to-fairseq, --model-parallel-size or "
+                         "--legacy-format")
+        if args.to_hf and args.from_hf:
+            parser.error("give one of --to-hf and --from-hf")
+        if args.to_hf:
+            summary = hf.export_hf(*args.to_hf, bpe_dir=args.bpe_dir, dtype=args.dtype,
+                                   max_shard_size=args.max_shard_size)
+            print(f"wrote {args.to_hf[1]}: XGLMForCausalLM in {len(summary['files'])} safetensors file(s)"
+                  + (" + tokenizer" if summary["tokenizer"] else " (no tokenizer)"))
+        else:
+            if args.bpe_dir:
+                parser.error("--bpe-dir goes with --to-hf")
+            cfg = hf.import_hf(*args.from_hf, dtype=args.dtype)
+            print(f"wrote {args.from_hf[1]}: {cfg.name}, {cfg.num_params() / 1e9:.3f}B parameters")
+        return
+    if args.bpe_dir:
+        parser.error("--bpe-dir goes with --to-hf")
     if args.to_fairseq:
         if args.src or args.out or args.verify:
             parser.error("--to-fairseq CKPT OUTDIR takes no SRC OUT and no --verify")
@@ -407,7 +441,7 @@ def main(argv=None) -> None:
         print(f"wrote {len(written)} shard(s) to {args.to_fairseq[1]}")
         return
     if not (args.src and args.out):
-        parser.error("give SRC and OUT (or --to-fairseq CKPT OUTDIR)")
+        parser.error("give SRC and OUT (or --to-fairseq CKPT OUTDIR, --to-hf CKPT OUTDIR, --from-hf HFDIR OUT)")
     if args.model_parallel_size is not None or args.legacy_format:
         parser.error("--model-parallel-size and --legacy-format go with --to-fairseq")
     cfg = convert_fairseq(args.src, args.out, dtype=args.dtype or "float32", verify=args.verify)
