@@ -40,7 +40,7 @@ from m11b_jax.config import ModelConfig
 from m11b_jax.dictionary import Dictionary
 from m11b_jax.errors import UserError
 from m11b_jax.fairseq_layout import ENTRIES, Entry, fairseq_key, get_path
-from m11b_jax.params_io import ParamsWriter, numpy_dtype
+from m11b_jax.params_io import META_FILE, ParamsWriter, numpy_dtype
 from m11b_jax.params_source import open_params_source
 from m11b_jax.textio import atomic_directory
 
@@ -353,6 +353,9 @@ def _hf_model_config(hfdir: pathlib.Path) -> ModelConfig:
     path = hfdir / "config.json"
     if not hfdir.is_dir():
         raise UserError(f"Hugging Face model directory not found: {hfdir}")
+    if (hfdir / META_FILE).is_file():
+        raise UserError(f"{hfdir} is an m11b_jax params checkpoint, not a Hugging Face model directory: "
+                        "--from-hf takes what --to-hf (or save_pretrained) wrote")
     try:
         c = json.loads(path.read_text())
     except FileNotFoundError:
