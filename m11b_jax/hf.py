@@ -244,7 +244,9 @@ def tokenizer_config(cfg: ModelConfig) -> dict:
     }
 
 
-def _write_tokenizer(tmp: pathlib.Path, bpe_dir: pathlib.Path, dict_file: pathlib.Path, cfg, log) -> bool:
+def write_tokenizer(tmp: pathlib.Path, bpe_dir: pathlib.Path, dict_file: pathlib.Path, cfg, log=_log) -> bool:
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json into `tmp`; False (and a log line saying
+    why) when the dictionary cannot be expressed exactly."""
     try:
         tok = build_tokenizer(bpe_dir / "encoder.json", bpe_dir / "vocab.bpe", Dictionary.load(dict_file),
                               where=str(dict_file))
@@ -329,7 +331,7 @@ def export_hf(ckpt, outdir, bpe_dir=None, dtype: str | None = None, max_shard_si
     with atomic_directory(outdir) as tmp:
         tokenizer = False
         if bpe_dir is not None:
-            tokenizer = _write_tokenizer(tmp, bpe_dir, source.dictionary, cfg, log)
+            tokenizer = write_tokenizer(tmp, bpe_dir, source.dictionary, cfg, log)
         else:
             log("no --bpe-dir: writing the model only (no tokenizer)")
         files = write_safetensors(tmp, tensors, produce, dtype, max_bytes, log)

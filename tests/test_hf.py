@@ -190,7 +190,7 @@ def test_tokenizer_ids_are_ours_on_wiki_test(tmp_path, shared_data, dict_name):
     bpe_dir = shared_data / "gpt2_bpe"
     dictionary = Dictionary.load(bpe_dir / dict_name)
     cfg = CFG.replace(vocab_size=51200)
-    assert hf._write_tokenizer(tmp_path, bpe_dir, bpe_dir / dict_name, cfg, quiet)
+    assert hf.write_tokenizer(tmp_path, bpe_dir, bpe_dir / dict_name, cfg, quiet)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     bpe = GPT2BPE.from_files(bpe_dir / "encoder.json", bpe_dir / "vocab.bpe")
     lines = (shared_data / "wikitext-103" / "wiki.test.raw").read_text(encoding="utf-8").split("\n")
