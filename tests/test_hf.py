@@ -45,9 +45,9 @@ def quiet(msg):
 
 def random_params(cfg, seed=0):
     """Random weights everywhere (LayerNorms and biases too), as host numpy arrays."""
-    from m11b_jax import sharding as S
+    from m11b_jax.param_tree import init_params
 
-    params = jax.device_get(S.init_params(cfg, make_mesh(1, jax.devices()[:1]), logical_rules(), seed=seed))
+    params = jax.device_get(init_params(cfg, make_mesh(1, jax.devices()[:1]), logical_rules(), seed=seed))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: (x + 0.05 * rng.standard_normal(x.shape)).astype(np.float32), params)
 
