@@ -264,7 +264,7 @@ def test_round_trip_is_exact(tmp_path, tiny):
 def test_training_checkpoint_exports_to_both_formats(tmp_path):
     from train_fixtures import base_args, make_databin
 
-    from m11b_jax.eval_lm import load_checkpoint
+    from m11b_jax.params_io import load_checkpoint
     from m11b_jax.train import run
 
     data = make_databin(tmp_path / "data", n_symbols=1020, n_lines=60, valid_lines=8)  # 1024 symbols = tiny's vocab
