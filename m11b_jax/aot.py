@@ -96,17 +96,19 @@ def memory(compiled) -> dict:
 
 def compile_train_step(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample: int, update_freq: int = 1,
                        sequence_parallel: bool = False, ocfg: OptimConfig | None = None,
-                       criterion: str = "vocab_parallel_cross_entropy", compiler_options: dict | None = None):
+                       criterion: str = "vocab_parallel_cross_entropy", compiler_options: dict | None = None,
+                       loss_scale=None):
     """Lower and compile the train step for `mesh` from abstract inputs. batch_size is per data replica;
-    compiler_options: XLA options for this compile (e.g. targets.GPU_COMPILER_SETTINGS)."""
+    compiler_options: XLA options for this compile (e.g. targets.GPU_COMPILER_SETTINGS); loss_scale: a resolved
+    precision.LossScaleConfig for the fp16 policies (None: no loss scaling)."""
     ocfg = ocfg or OptimConfig()
     rules = sharding.logical_rules(sequence_parallel=sequence_parallel)
-    state = abstract_train_state(cfg, mesh, rules, ocfg)
+    state = abstract_train_state(cfg, mesh, rules, ocfg, loss_scale)
     global_batch = batch_size * mesh.shape[sharding.DATA]
     bs = batch_shardings(mesh, rules)
     batch = {k: jax.ShapeDtypeStruct((update_freq, global_batch, tokens_per_sample), jnp.int32, sharding=bs[k])
              for k in ("source", "target")}
-    step = make_train_step(cfg, mesh, rules, ocfg, criterion=criterion)
+    step = make_train_step(cfg, mesh, rules, ocfg, criterion=criterion, loss_scale=loss_scale)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile(compiler_options or None)
     return compiled, time.perf_counter() - t0
@@ -114,11 +116,11 @@ def compile_train_step(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sa
 
 def compile_report(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample: int, update_freq: int = 1,
                    sequence_parallel: bool = False, ocfg: OptimConfig | None = None, target: str | None = None,
-                   criterion: str = "vocab_parallel_cross_entropy") -> dict:
+                   criterion: str = "vocab_parallel_cross_entropy", loss_scale=None) -> dict:
     """The JSON-able report printed by `python -m m11b_jax.train --compile-only`."""
     compiled, secs = compile_train_step(cfg, mesh, batch_size=batch_size, tokens_per_sample=tokens_per_sample,
                                         update_freq=update_freq, sequence_parallel=sequence_parallel, ocfg=ocfg,
-                                        criterion=criterion)
+                                        criterion=criterion, loss_scale=loss_scale)
     global_tokens = batch_size * mesh.shape[sharding.DATA] * tokens_per_sample * update_freq
     return {
         "arch": cfg.name,
@@ -139,6 +141,7 @@ def compile_report(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample
         "sequence_parallel": sequence_parallel,
         "param_dtype": cfg.param_dtype,
         "compute_dtype": cfg.compute_dtype,
+        "loss_scaling": loss_scale is not None,
     }
 
 

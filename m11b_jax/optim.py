@@ -4,7 +4,8 @@ fairseq Adam (`fairseq/optim/adam.py`, PyTorch's convention), for update t = 1, 
     m = b1 m + (1-b1) g;   v = b2 v + (1-b2) g^2
     p -= lr * wd * p                                       (decoupled weight decay, on every parameter)
     p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)   (eps added to the *uncorrected* sqrt(v))
-Both terms use the parameter from before the update. State and arithmetic are fp32.
+Both terms use the parameter from before the update. State and arithmetic are fp32, whatever the
+parameters' dtype (16-bit parameters: the result is cast back, fairseq's memory-efficient step).
 """
 
 from __future__ import annotations
@@ -45,9 +46,30 @@ class FairseqAdamState(NamedTuple):
     nu: optax.Updates
 
 
+def fairseq_adam_apply(params, grads, state: FairseqAdamState, lr, b1: float, b2: float, eps: float,
+                       weight_decay: float, grad_scale=1.0):
+    """One fairseq Adam step: (new params, new state). Gradients of any float dtype are multiplied by
+    `grad_scale` (the loss scaler's unscaling, clipping) in fp32; the moments and the whole update are fp32, in
+    fairseq's order (weight decay first, then the Adam term), and the result is cast to each parameter's dtype:
+    fairseq's memory-efficient step for 16-bit parameters, the plain step for fp32 ones."""
+    t = (state.count + 1).astype(jnp.float32)
+    g32 = lambda g: g.astype(jnp.float32) * grad_scale  # noqa: E731
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g32(g), state.mu, grads)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g32(g)), state.nu, grads)
+    step_size = lr * jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+
+    def new_param(p, m, v):
+        p32 = p.astype(jnp.float32)
+        if weight_decay:
+            p32 = p32 + (-weight_decay * lr) * p32
+        return (p32 - step_size * (m / (jnp.sqrt(v) + eps))).astype(p.dtype)
+
+    return jax.tree.map(new_param, params, mu, nu), FairseqAdamState(state.count + 1, mu, nu)
+
+
 def fairseq_adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                  weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
-    """Returns updates to *add* to the params (optax convention), exactly fairseq's Adam step."""
+    """`fairseq_adam_apply` as an optax transformation: updates to *add* to the params (optax convention)."""
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
     def init(params):
@@ -57,18 +79,8 @@ def fairseq_adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float =
     def update(grads, state, params=None):
         if params is None:
             raise ValueError("fairseq_adam needs params (weight decay uses them)")
-        lr = schedule(state.count)
-        t = (state.count + 1).astype(jnp.float32)
-        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), state.mu, grads)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)), state.nu, grads)
-        step_size = lr * jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-
-        def upd(p, m, v):
-            p32 = p.astype(jnp.float32)
-            return (-lr * weight_decay * p32 - step_size * m / (jnp.sqrt(v) + eps)).astype(p.dtype)
-
-        updates = jax.tree.map(upd, params, mu, nu)
-        return updates, FairseqAdamState(state.count + 1, mu, nu)
+        new, state = fairseq_adam_apply(params, grads, state, schedule(state.count), b1, b2, eps, weight_decay)
+        return jax.tree.map(lambda n, p: n.astype(jnp.float32) - p.astype(jnp.float32), new, params), state
 
     return optax.GradientTransformationExtraArgs(init, update)
 

@@ -16,6 +16,8 @@ TARGETS = {
     "h100": ("NVIDIA H100 80GB HBM3", (9, 0), 132, 84942979072, 3352320000000, 52428800, 233472, 1.98),
     "h200": ("NVIDIA H200 141GB HBM3e", (9, 0), 132, 151397597184, 4800000000000, 52428800, 233472, 1.98),
     "a100": ("NVIDIA A100-SXM4-80GB", (8, 0), 108, 85100068864, 2039040000000, 41943040, 167936, 1.41),
+    # The seed's cards (Volta: fp16 tensor cores, no bf16 ones; use --fp16 or --memory-efficient-fp16).
+    "v100": ("Tesla V100-SXM2-32GB", (7, 0), 80, 34089730048, 900000000000, 6291456, 98304, 1.53),
 }
 
 # Dense bf16 peak FLOP/s per chip by device_kind substring (for MFU); unknown kinds give null.

@@ -52,11 +52,11 @@ OFFLINE_DEFAULTS = dict(
 )
 
 DTYPE_HELP = (
-    "Dtype policy. Default: fp32 parameters, fp32 Adam state, fp32 compute. --bf16, --fp16, "
-    "--memory-efficient-fp16 and --memory-efficient-bf16 all select the same mixed policy here: fp32 master "
-    "parameters and fp32 Adam state (the update is exact fairseq Adam in fp32), matmuls and activations in "
-    "bfloat16, LayerNorm/softmax/GELU/loss in fp32. bf16 has fp32's exponent range, so fairseq's fp16 loss "
-    "scaling is not needed and there is no fp16 compute mode."
+    "As in fairseq. Default: fp32 parameters, Adam state and compute. --fp16: fp16 matmuls and activations, fp32 "
+    "master parameters and Adam state, fairseq's dynamic loss scaling. --bf16: the same in bfloat16, no loss "
+    "scaling. --memory-efficient-fp16 / --memory-efficient-bf16: parameters stored in 16 bits (no fp32 copy), "
+    "Adam moments in fp32, the update computed in fp32 and cast back. LayerNorm, softmax, GELU and the loss run "
+    "in fp32 under every policy."
 )
 
 
@@ -171,8 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="both compute the same loss; the vocab-parallel one never gathers the logits")
 
     g = p.add_argument_group("precision", textwrap.fill(DTYPE_HELP, 100))
-    for flag in ("--fp16", "--memory-efficient-fp16", "--bf16", "--memory-efficient-bf16"):
-        g.add_argument(flag, action="store_true", help="bf16 compute, fp32 master params and Adam state")
+    g.add_argument("--fp16", action="store_true", help="fp16 compute, fp32 master params and Adam, loss scaling")
+    g.add_argument("--memory-efficient-fp16", action="store_true",
+                   help="fp16 params and compute, fp32 Adam moments, loss scaling")
+    g.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 params and Adam")
+    g.add_argument("--memory-efficient-bf16", action="store_true", help="bf16 params and compute, fp32 Adam moments")
+    g.add_argument("--fp16-init-scale", type=float, default=128.0, help="initial loss scale (fp16 flags)")
+    g.add_argument("--fp16-scale-window", type=int,
+                   help="double the loss scale after this many updates without an overflow (default: "
+                        "2^14 / data-parallel size / --update-freq)")
+    g.add_argument("--fp16-scale-tolerance", type=float, default=0.0,
+                   help="share of overflowing updates since the last rescale tolerated before lowering the scale")
+    g.add_argument("--threshold-loss-scale", type=float, help="never lower the loss scale below this")
+    g.add_argument("--min-loss-scale", type=float, default=1e-4,
+                   help="stop training when the loss scale would reach this (the loss is exploding)")
 
     g = p.add_argument_group("parallelism and hosts")
     g.add_argument("--model-parallel-size", type=int, default=1, help="devices per model (the mesh's model axis)")
@@ -211,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the train step from abstract inputs (no weights allocated), print one JSON report, exit")
     g.add_argument("--device-memory-gb", type=float, default=80.0,
                    help="with --compile-only: fail when the step needs more than this per device")
-    g.add_argument("--target", help="with --compile-only: compile for this GPU (h100, h200, a100, ...) instead of CPUs "
+    g.add_argument("--target", help="with --compile-only: compile for this GPU (h100, h200, a100, v100) instead of CPUs "
                                     "(needs pip install -e .[cuda-aot])")
     return p
 
@@ -234,6 +246,8 @@ class RunConfig:
     dtype_policy: str
     world_size: int | None
     validate_at_start: bool = False
+    precision: str = "fp32"  # a precision.POLICIES name
+    loss_scale: "object" = None  # precision.LossScaleConfig for the fp16 policies (scale_window None: default)
 
 
 def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
@@ -243,6 +257,7 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set
 
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     """Command line -> RunConfig, with every check that needs neither data nor devices."""
+    from m11b_jax import precision as P
     from m11b_jax.config import load_config
     from m11b_jax.train_step import OptimConfig
 
@@ -298,11 +313,18 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         raise UserError("give either --restore-file (continue a run) or --finetune-from-model (start from converted "
                         "weights), not both")
 
-    mixed = [f for f in ("fp16", "memory_efficient_fp16", "bf16", "memory_efficient_bf16") if getattr(args, f)]
-    dtype_policy = ("bf16 compute, fp32 params+Adam (--" + mixed[0].replace("_", "-") + ")") if mixed else "fp32"
+    precision = P.policy_from_flags(args.fp16, args.memory_efficient_fp16, args.bf16, args.memory_efficient_bf16)
+    policy = P.POLICIES[precision]
+    loss_scale = None
+    if policy.loss_scaling:
+        loss_scale = P.LossScaleConfig(init_scale=args.fp16_init_scale, scale_window=args.fp16_scale_window,
+                                       tolerance=args.fp16_scale_tolerance, threshold=args.threshold_loss_scale,
+                                       min_scale=args.min_loss_scale).validate()
     overrides = dict(dropout=args.dropout, attention_dropout=args.attention_dropout, remat_policy=args.remat_policy,
                      attention_impl=args.attention_impl, loss_impl=args.loss_impl,
-                     weight_grad_impl=args.weight_grad_impl, compute_dtype="bfloat16" if mixed else None)
+                     weight_grad_impl=args.weight_grad_impl)
+    if precision != "fp32":
+        overrides.update(param_dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
     model = load_config(args.arch, **overrides)
     tokens = args.tokens_per_sample if args.tokens_per_sample is not None else min(1024, model.max_positions)
     if tokens < 1:
@@ -320,8 +342,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     return RunConfig(args=args, model=model, optim=optim, data=args.data, offline=offline, tokens_per_sample=tokens,
                      batch_size=args.batch_size, batch_size_valid=args.batch_size_valid or args.batch_size,
                      update_freq=args.update_freq, model_parallel_size=mp, sequence_parallel=sp,
-                     dtype_policy=dtype_policy, world_size=args.distributed_world_size,
-                     validate_at_start=offline)
+                     dtype_policy=P.describe(precision), world_size=args.distributed_world_size,
+                     validate_at_start=offline, precision=precision, loss_scale=loss_scale)
 
 
 def _typed(parser: argparse.ArgumentParser, dest: str, value):
@@ -382,11 +404,19 @@ def compile_only(run: RunConfig) -> dict:
     mesh = aot.target_mesh(a.target, n, run.model_parallel_size)  # target None: this process's (CPU) devices
     report = aot.compile_report(run.model, mesh, batch_size=run.batch_size, tokens_per_sample=run.tokens_per_sample,
                                 update_freq=run.update_freq, sequence_parallel=run.sequence_parallel, ocfg=run.optim,
-                                target=a.target, criterion=a.criterion)
+                                target=a.target, criterion=a.criterion,
+                                loss_scale=_resolved_loss_scale(run, mesh))
     report["dtype_policy"] = run.dtype_policy
     report["device_memory_gb"] = a.device_memory_gb
     report["fits"] = report["per_device_bytes"]["total"] <= a.device_memory_gb * 2**30
     return report
+
+
+def _resolved_loss_scale(run: RunConfig, mesh):
+    """The run's loss scaler with fairseq's default window for this mesh's data-parallel size (None: no scaling)."""
+    if run.loss_scale is None:
+        return None
+    return run.loss_scale.with_window(mesh.shape["data"], run.update_freq)
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

@@ -24,7 +24,7 @@ from m11b_jax.errors import UserError
 
 
 class TrainingDiverged(UserError):
-    """The loss or gradient norm became NaN/inf."""
+    """The loss or gradient norm became NaN/inf (or, with loss scaling, the scale reached its minimum)."""
 
 
 def check_finite(update: int, loss: float, gnorm: float, last_checkpoint: pathlib.Path | None) -> None:
@@ -117,6 +117,8 @@ class TrainSummary:
     train: list[dict] = dataclasses.field(default_factory=list)  # the train log lines
     valid: list[dict] = dataclasses.field(default_factory=list)  # the validation log lines
     checkpoints: list[int] = dataclasses.field(default_factory=list)  # updates saved by this run
+    overflows: list[int] = dataclasses.field(default_factory=list)  # fp16: the update each skipped step would have been
+    loss_scales: dict[int, float] = dataclasses.field(default_factory=dict)  # fp16: the scale after each update
     stopped_by: str | None = None  # the signal that stopped the run early
     end_update: int | None = None
     elapsed_s: float | None = None

@@ -22,7 +22,9 @@ from m11b_jax.flash_attention import check_platform
 from m11b_jax.loss import criterion_fn, output_cross_entropy
 from m11b_jax.model import TransformerLM, init_variables
 from m11b_jax.param_tree import abstract_params, param_shardings
-from m11b_jax.optim import FairseqAdamState, clip_by_global_norm_fairseq, fairseq_adam, inverse_sqrt_schedule
+from m11b_jax.optim import (FairseqAdamState, clip_by_global_norm_fairseq, fairseq_adam, fairseq_adam_apply,
+                            global_norm, inverse_sqrt_schedule)
+from m11b_jax.precision import LossScaleConfig, LossScaleState, init_loss_scale, update_loss_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,40 +51,51 @@ class TrainState:
     step: jax.Array  # completed updates (int32 scalar)
     params: dict
     opt_state: FairseqAdamState
+    loss_scale: LossScaleState | None = None  # fp16 policies only (precision.py); None is an empty subtree
 
 
-def state_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> TrainState:
-    """Adam moments are sharded like their parameters; counters are replicated."""
+def _fresh_state(params, tx, loss_scale: LossScaleConfig | None) -> TrainState:
+    scaler = init_loss_scale(loss_scale) if loss_scale is not None else None
+    return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params), scaler)
+
+
+def state_shardings(cfg: ModelConfig, mesh: Mesh, rules, loss_scale: LossScaleConfig | None = None) -> TrainState:
+    """Adam moments are sharded like their parameters; counters (and the loss scaler) are replicated."""
     ps = param_shardings(cfg, mesh, rules)
     rep = sharding.replicated(mesh)
-    return TrainState(step=rep, params=ps, opt_state=FairseqAdamState(count=rep, mu=ps, nu=ps))
+    scaler = None if loss_scale is None else LossScaleState(rep, rep, rep, rep, rep)
+    return TrainState(step=rep, params=ps, opt_state=FairseqAdamState(count=rep, mu=ps, nu=ps), loss_scale=scaler)
 
 
-def abstract_train_state(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig) -> TrainState:
+def abstract_train_state(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig,
+                         loss_scale: LossScaleConfig | None = None) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the whole train state: nothing is allocated."""
     params = abstract_params(cfg, mesh, rules)
-    shapes = jax.eval_shape(lambda p: TrainState(jnp.zeros([], jnp.int32), p, ocfg.optimizer().init(p)), params)
+    shapes = jax.eval_shape(lambda p: _fresh_state(p, ocfg.optimizer(), loss_scale), params)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, state_shardings(cfg, mesh, rules))
+                        shapes, state_shardings(cfg, mesh, rules, loss_scale))
 
 
-def init_train_state(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, seed: int = 1) -> TrainState:
+def init_train_state(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, seed: int = 1,
+                     loss_scale: LossScaleConfig | None = None) -> TrainState:
     """Parameters and Adam state created by one jitted init, each shard on its own device."""
     tx = ocfg.optimizer()
 
     def _init(key):
         params = flax.linen.unbox(init_variables(cfg, key))["params"]
-        return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
+        return _fresh_state(params, tx, loss_scale)
 
-    shardings = state_shardings(cfg, mesh, rules)
+    shardings = state_shardings(cfg, mesh, rules, loss_scale)
     with sharding.activate(mesh, rules):
         return jax.jit(_init, out_shardings=shardings)(jax.random.key(seed))
 
 
-def state_from_params(params, ocfg: OptimConfig, shardings: TrainState) -> TrainState:
-    """A fresh train state (update 0, zero Adam moments) around given (e.g. converted) parameters."""
+def state_from_params(params, ocfg: OptimConfig, shardings: TrainState,
+                      loss_scale: LossScaleConfig | None = None) -> TrainState:
+    """A fresh train state (update 0, zero Adam moments, the initial loss scale) around given (e.g. converted)
+    parameters, already in the run's parameter dtype (params_io.load_params casts)."""
     tx = ocfg.optimizer()
-    make = jax.jit(lambda p: TrainState(jnp.zeros([], jnp.int32), p, tx.init(p)), out_shardings=shardings)
+    make = jax.jit(lambda p: _fresh_state(p, tx, loss_scale), out_shardings=shardings)
     return make(params)
 
 
@@ -94,8 +107,14 @@ def batch_shardings(mesh: Mesh, rules) -> dict:
 
 def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, criterion: str = "vocab_parallel_cross_entropy",
                     seed: int = 1, donate: bool = True, rng_impl: str = "threefry2x32",
-                    compiler_options: dict | None = None):
-    """Returns a jitted `step(state, batch) -> (state, metrics)`; metrics are replicated fp32 scalars.
+                    compiler_options: dict | None = None, loss_scale: LossScaleConfig | None = None):
+    """Returns a jitted `step(state, batch) -> (state, metrics)`; metrics are replicated scalars.
+
+    loss_scale (the fp16 policies): the backward pass differentiates `loss scale x summed loss` (fairseq's
+    convention); the gradients are unscaled in fp32 inside the Adam step. A non-finite gradient norm skips the
+    update inside the step (parameters, Adam state and the update count keep their values) and the scaler
+    lowers the scale (precision.update_loss_scale); metrics then hold overflow 1 (and min_scale_reached 1 when
+    the scale would go below --min-loss-scale: the caller stops).
 
     rng_impl: the dropout generator, `threefry2x32` (JAX's default: identical masks on any backend and
     mesh) or `rbg` (XLA's RngBitGenerator: much cheaper on GPUs; deterministic for a given program).
@@ -104,13 +123,12 @@ def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, c
         cfg.validate(mesh.shape[sharding.MODEL])  # the fused loss has no model axis: a one-line error otherwise
     check_platform(cfg.attention_impl, mesh.devices.flat[0].platform)  # cudnn needs a GPU; flash on CPU: a warning
     model = TransformerLM(cfg)
-    tx = ocfg.optimizer()
     loss_of = criterion_fn(criterion, mesh, rules, cfg.pad_idx)
-    shardings = state_shardings(cfg, mesh, rules)
+    shardings = state_shardings(cfg, mesh, rules, loss_scale)
     base_key = jax.random.key(seed, impl=rng_impl)
     deterministic = cfg.dropout == 0 and cfg.attention_dropout == 0 and cfg.activation_dropout == 0
 
-    def micro_loss(params, source, target, key, denom):
+    def micro_loss(params, source, target, key, mult):
         if cfg.loss_impl == "fused":  # the output projection inside the loss: no logits formed
             hidden, embed = model.apply({"params": params}, source, deterministic=deterministic,
                                         rngs={"dropout": key}, method=TransformerLM.output_operands)
@@ -119,9 +137,9 @@ def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, c
         else:
             logits = model.apply({"params": params}, source, deterministic=deterministic, rngs={"dropout": key})
             loss, ntok = loss_of(logits, target)  # summed nats, target count
-        # Dividing inside the differentiated function gives fairseq's grad(sum)/ntokens without a
-        # separate pass (and buffer) over the gradients.
-        return loss / denom, (loss, ntok)
+        # mult = 1 / ntokens: fairseq's grad(sum) / ntokens without a separate pass (and buffer) over the
+        # gradients. With loss scaling mult = the scale, and the step divides by scale x ntokens in fp32.
+        return loss * mult, (loss, ntok)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
@@ -130,31 +148,51 @@ def make_train_step(cfg: ModelConfig, mesh: Mesh, rules, ocfg: OptimConfig, *, c
         step_key = jax.random.fold_in(base_key, state.step)
         k = batch["source"].shape[0]
         denom = jnp.maximum((batch["target"] != cfg.pad_idx).sum(), 1).astype(jnp.float32)
+        mult = 1.0 / denom if loss_scale is None else state.loss_scale.scale
         if k == 1:
             grads, (loss, ntok) = grad_fn(state.params, batch["source"][0], batch["target"][0],
-                                          jax.random.fold_in(step_key, 0), denom)
+                                          jax.random.fold_in(step_key, 0), mult)
         else:
             def body(carry, xs):
                 g_acc, l_acc, n_acc = carry
                 i, src, tgt = xs
-                g, (l, n) = grad_fn(state.params, src, tgt, jax.random.fold_in(step_key, i), denom)
+                g, (l, n) = grad_fn(state.params, src, tgt, jax.random.fold_in(step_key, i), mult)
                 return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (grads, loss, ntok), _ = jax.lax.scan(
                 body, (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)),
                 (jnp.arange(k), batch["source"], batch["target"]))
-        grads, gnorm = clip_by_global_norm_fairseq(grads, ocfg.clip_norm)
         lr = ocfg.schedule()(state.opt_state.count)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(state.step + 1, params, opt_state)
+        adam = lambda g, scale=1.0: fairseq_adam_apply(  # noqa: E731
+            state.params, g, state.opt_state, lr, *ocfg.betas, ocfg.eps, ocfg.weight_decay, grad_scale=scale)
+        extra = {}
+        if loss_scale is None:
+            grads, gnorm = clip_by_global_norm_fairseq(grads, ocfg.clip_norm)
+            params, opt_state = adam(grads)
+            new_state = TrainState(state.step + 1, params, opt_state)
+        else:
+            # fairseq's FP16Optimizer: norm of the unscaled gradients; clipping scales by max_norm / norm.
+            unscale = 1.0 / (state.loss_scale.scale * denom)
+            gnorm = global_norm(grads) * unscale
+            if ocfg.clip_norm > 0:
+                unscale = unscale * jnp.where(gnorm > ocfg.clip_norm, ocfg.clip_norm / gnorm, 1.0)
+            params, opt_state = adam(grads, unscale)
+            scaler, overflow, min_reached = update_loss_scale(loss_scale, state.loss_scale, gnorm)
+            stepped = TrainState(state.step + 1, params, opt_state, scaler)
+            kept = TrainState(state.step, state.params, state.opt_state, scaler)
+            # An overflowing step changes nothing but the scaler: one elementwise select, fused into the update.
+            new_state = jax.tree.map(lambda a, b: jnp.where(overflow, b, a), stepped, kept)
+            extra = {"loss_scale": scaler.scale, "overflow": overflow.astype(jnp.float32),
+                     "min_scale_reached": min_reached.astype(jnp.float32)}
         metrics = {
             "loss": loss / denom / math.log(2),  # base 2, like fairseq
             "nll_sum": loss,
             "ntokens": ntok.astype(jnp.float32),
             "gnorm": gnorm,
             "lr": lr,
+            "update": new_state.step,
+            **extra,
         }
         return new_state, metrics
 

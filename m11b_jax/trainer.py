@@ -4,7 +4,10 @@ One update = one call of the jitted, sharded train step on [update_freq, global_
 runs one update ahead of the device: it dispatches update n+1 before reading update n's metrics, and only
 waits at log, validation and checkpoint points. Each update's loss and gradient norm are checked: a NaN or
 inf stops training with an error *before* anything from that update is saved, so the last checkpoint on disk
-is the last good one.
+is the last good one. Under the fp16 policies a non-finite gradient norm is a loss-scale overflow instead: the
+step changed nothing but the scale (see train_step), its batch is consumed (like fairseq's), it does not count
+as an update, and the loop learns the true update count from each step's metrics; reaching --min-loss-scale
+stops training with an error.
 
 Checkpoints (see `checkpoint.py`) hold the whole train state, the data position and the seed, so a resumed
 run's updates equal those of a run that never stopped (dropout keys derive from seed and update number).
@@ -26,10 +29,13 @@ import jax
 
 from m11b_jax import checkpoint as ckpt
 from m11b_jax import params_io, runtime, sharding, train_data
+from m11b_jax import precision as P
 from m11b_jax.config import analytic_train_flops
 from m11b_jax.corpus import ensure_offline_corpus
 from m11b_jax.targets import compiler_options
-from m11b_jax.train_metrics import IntervalStats, MetricsLogger, TrainSummary, base2_ppl, check_finite, peak_flops
+from m11b_jax.errors import UserError
+from m11b_jax.train_metrics import (IntervalStats, MetricsLogger, TrainingDiverged, TrainSummary, base2_ppl,
+                                    check_finite, peak_flops)
 from m11b_jax.train_step import (abstract_train_state, init_train_state, make_eval_loss, make_train_step,
                                  state_from_params, state_shardings)
 
@@ -103,17 +109,25 @@ class Trainer:
         self.mesh = sharding.make_mesh(run.model_parallel_size)
         runtime.retain_host_memory_on_cpu(self.mesh)  # reuse each step's host buffers, not page-fault them in again
         self.rules = sharding.logical_rules(sequence_parallel=run.sequence_parallel)
+        # fairseq's default scale window depends on the data-parallel size: resolved on this mesh.
+        self.loss_scale = None if run.loss_scale is None else run.loss_scale.with_window(
+            self.mesh.shape[sharding.DATA], run.update_freq)
+        warning = P.warn_if_fp16_on_tpu(run.precision, jax.default_backend())
+        if warning and self.is_main:
+            print(warning, file=sys.stderr, flush=True)
         self.batches = train_data.TrainBatches(self.train_blocks, self.mesh, run.batch_size, run.update_freq,
                                                seed=args.seed, prefetch=args.num_workers, rules=self.rules)
         self.seed = args.seed
         self.start, self.resumed_from = 0, None
         self.state = self._restore_or_init()
+        self.known_update = self.start  # the device's update count up to the last step whose metrics were read
 
         self.rng_impl = args.dropout_rng if args.dropout_rng != "auto" else (
             "rbg" if jax.default_backend() == "gpu" else "threefry2x32")
         gpu_options = compiler_options(args.gpu_compiler_settings) if jax.default_backend() == "gpu" else None
         self.step_fn = make_train_step(self.cfg, self.mesh, self.rules, self.ocfg, criterion=args.criterion,
-                                       seed=self.seed, rng_impl=self.rng_impl, compiler_options=gpu_options)
+                                       seed=self.seed, rng_impl=self.rng_impl, compiler_options=gpu_options,
+                                       loss_scale=self.loss_scale)
         self.eval_fn = make_eval_loss(self.cfg, self.mesh, self.rules, criterion=args.criterion)
         self.saver = None if args.no_save else ckpt.Checkpointer(self.save_dir, keep=args.keep_interval_updates)
 
@@ -126,15 +140,16 @@ class Trainer:
         self.summary = TrainSummary(save_dir=str(self.save_dir), data=self.data_path, start_update=self.start,
                                     resumed_from=self.resumed_from, mesh=dict(self.mesh.shape),
                                     sequence_parallel=run.sequence_parallel)
-        self.pending: list[tuple[int, dict]] = []  # dispatched updates whose metrics are not read yet
+        self.pending: list[dict] = []  # metrics of dispatched steps, not read yet
         self.interval = IntervalStats()
+        self.overflows_in_interval = 0  # loss-scale overflows since the last train log line
 
     # ---- state ---------------------------------------------------------------------------------------
 
     def _restore_or_init(self):
         args, cfg, mesh, rules, ocfg = self.args, self.cfg, self.mesh, self.rules, self.ocfg
         resumed = ckpt.resume(self.save_dir, args.restore_file, model_config=cfg,
-                              abstract_state=lambda: abstract_train_state(cfg, mesh, rules, ocfg),
+                              abstract_state=lambda: self._abstract_state_for(cfg, mesh, rules, ocfg),
                               global_rows=self.batches.global_rows, data_replicas=mesh.shape[sharding.DATA],
                               batch_size=self.run_cfg.batch_size)
         if resumed is not None:
@@ -153,15 +168,37 @@ class Trainer:
                                   args.finetune_from_model)
             with sharding.activate(mesh, rules):
                 params = params_io.load_params(args.finetune_from_model, mesh, rules, cfg=cfg)
-            return state_from_params(params, ocfg, state_shardings(cfg, mesh, rules))
-        return init_train_state(cfg, mesh, rules, ocfg, seed=self.seed)
+            return state_from_params(params, ocfg, state_shardings(cfg, mesh, rules, self.loss_scale), self.loss_scale)
+        return init_train_state(cfg, mesh, rules, ocfg, seed=self.seed, loss_scale=self.loss_scale)
+
+    def _abstract_state_for(self, cfg, mesh, rules, ocfg):
+        """The abstract state to restore into, once the checkpoint's precision is known to be this run's."""
+        point = ckpt.find_restore_point(self.save_dir, self.args.restore_file)
+        if point is not None:
+            self._check_precision(ckpt.read_meta(*point), point[0] / str(point[1]))
+        return abstract_train_state(cfg, mesh, rules, ocfg, self.loss_scale)
+
+    def _check_precision(self, meta: dict, where) -> None:
+        """A run continues in the precision it was trained in (the state's dtypes and its loss scaler)."""
+        saved = meta.get("precision")
+        if saved is None:  # checkpoints from before the precision policies: fp32 parameters, no loss scaler
+            saved = "fp32" if meta.get("model_config", {}).get("compute_dtype", "float32") == "float32" else "bf16"
+        ours = self.run_cfg.precision
+        same_state = P.POLICIES.get(saved) == P.POLICIES[ours] or (
+            saved in ("fp32", "bf16") and ours in ("fp32", "bf16"))  # the same state; only the compute dtype differs
+        if not same_state:
+            flag = lambda name: "no precision flag" if name == "fp32" else "--" + name.replace("_", "-")  # noqa: E731
+            raise UserError(f"the checkpoint {where} was trained with {flag(saved)}, this run has {flag(ours)}: "
+                            f"continue it with {flag(saved)}, or use a new --save-dir")
 
     def _meta(self, update: int) -> dict:
         run = self.run_cfg
-        return ckpt.training_meta(update, data_state=self.batches.state_dict(), seed=self.seed, model_config=self.cfg,
+        meta = ckpt.training_meta(update, data_state=self.batches.state_dict(), seed=self.seed, model_config=self.cfg,
                                   optim_config=self.ocfg, mesh_shape=self.mesh.shape, dtype_policy=run.dtype_policy,
                                   data_path=self.data_path, tokens_per_sample=run.tokens_per_sample,
                                   update_freq=run.update_freq, dropout_rng=self.rng_impl)
+        return dict(meta, precision=run.precision,
+                    loss_scale_config=dataclasses.asdict(self.loss_scale) if self.loss_scale else None)
 
     def _save(self, update: int) -> None:
         if self.saver is not None and self.saver.save(update, self.state, self._meta(update)):
@@ -190,15 +227,34 @@ class Trainer:
         upto = len(self.pending) - 1 if keep_last else len(self.pending)
         if upto <= 0:
             return
-        fetched = jax.device_get([m for _, m in self.pending[:upto]])
-        for (u, _), m in zip(self.pending[:upto], fetched):
-            self._account(u, m)
-        del self.pending[:upto]
+        fetched = jax.device_get(self.pending[:upto])
+        for m in fetched:
+            self._account(m)
+            del self.pending[0]
 
-    def _account(self, update: int, metrics: dict) -> None:
+    def _account(self, metrics: dict) -> None:
+        update = int(metrics["update"])  # the device's count after this step (unchanged by an overflowing step)
         loss, gnorm = float(metrics["loss"]), float(metrics["gnorm"])
         last = self.saver.last_saved if self.saver is not None else None
-        check_finite(update, loss, gnorm, None if last is None else self.save_dir / str(last))
+        last = None if last is None else self.save_dir / str(last)
+        scale = float(metrics["loss_scale"]) if "loss_scale" in metrics else None
+        if scale is not None:
+            if float(metrics["min_scale_reached"]):
+                raise TrainingDiverged(
+                    f"minimum loss scale reached (--min-loss-scale {self.loss_scale.min_scale:g}) after update "
+                    f"{update}: the loss is probably exploding; training stopped; "
+                    + (f"the last good checkpoint is {last}" if last is not None else "no checkpoint was saved")
+                    + "; lower --lr, set --clip-norm or raise the batch size")
+            if float(metrics["overflow"]):
+                self.known_update = update
+                self.overflows_in_interval += 1
+                self.summary.overflows.append(update + 1)
+                self.logger.log({"update": update, "overflow": 1, "loss_scale": scale},
+                                prefix="gradient overflow, update skipped, loss scale lowered", tb_keys=("loss_scale",))
+                return
+            self.summary.loss_scales[update] = scale
+        check_finite(update, loss, gnorm, last)
+        self.known_update = update
         self.summary.losses[update] = loss
         first = update == self.start + 1  # includes compilation: timing starts at its end
         self.interval.add(float(metrics["nll_sum"]), float(metrics["ntokens"]), gnorm, timed=not first)
@@ -210,9 +266,14 @@ class Trainer:
             now = time.perf_counter()
             rec = self.interval.record(update, float(metrics["lr"]), now, flops_per_update=self.flops_per_update,
                                        num_devices=jax.device_count(), peak=self.peak, t_start=self.t_start)
+            tb_keys = ("loss", "ppl", "lr", "gnorm", "wps", "mfu")
+            if scale is not None:
+                rec.update(loss_scale=scale, overflows=self.overflows_in_interval)
+                tb_keys += ("loss_scale",)
             self.summary.train.append(rec)
-            self.logger.log(rec, prefix="train", tb_keys=("loss", "ppl", "lr", "gnorm", "wps", "mfu"))
+            self.logger.log(rec, prefix="train", tb_keys=tb_keys)
             self.interval = IntervalStats(t0=now)
+            self.overflows_in_interval = 0
 
     def _note(self, message: str) -> None:
         if hasattr(self, "logger"):
@@ -250,18 +311,28 @@ class Trainer:
                 self._note(f"| already at --max-update {args.max_update} (resumed from {self.resumed_from}): nothing "
                            "to train; raise --max-update to continue, or use a new --save-dir to start over")
             self.interval = IntervalStats(t0=time.perf_counter())
+            dispatched = 0
             while not args.max_update or update < args.max_update:
                 self.state, metrics = self.step_fn(self.state, self.batches.next())
-                update += 1
-                self.pending.append((update, metrics))
-                is_last = bool(args.max_update) and update >= args.max_update
-                do_save = bool(args.save_interval_updates) and update % args.save_interval_updates == 0
-                do_valid = do_save or (bool(args.validate_interval_updates)
-                                       and update % args.validate_interval_updates == 0)
-                stopping = stop.should_stop(update)
+                dispatched += 1
+                self.pending.append(metrics)
+                stopping = stop.should_stop(dispatched)
                 # Keep one update in flight, except where its result is needed now (a good state to save included).
-                self._drain(keep_last=not (is_last or do_save or do_valid or stopping
-                                           or update % args.log_interval == 0))
+                # `update` counts the step in flight as an update; after an overflow it is one less than that, so
+                # every boundary is met by the exact count once all metrics are read.
+                self._drain(keep_last=True)
+                for _ in range(2):
+                    update = self.known_update + len(self.pending)
+                    new = update > self.start  # overflows only: no update since the start yet
+                    is_last = bool(args.max_update) and update >= args.max_update
+                    do_save = (new and bool(args.save_interval_updates) and update % args.save_interval_updates == 0
+                               and last_saved != update)
+                    do_valid = do_save or (new and bool(args.validate_interval_updates)
+                                           and update % args.validate_interval_updates == 0
+                                           and last_validated != update)
+                    if not (is_last or do_save or do_valid or stopping or (new and update % args.log_interval == 0)):
+                        break
+                    self._drain(keep_last=False)
                 if stopping:
                     self._note(f"| {stop.signal_name} received: saving a checkpoint at update {update} and stopping")
                     summary.stopped_by = stop.signal_name
@@ -275,6 +346,7 @@ class Trainer:
                     last_saved = update
                 self.interval.paused += time.perf_counter() - t_pause
             self._drain(keep_last=False)
+            update = self.known_update
             if summary.stopped_by is None and self.valid_sets and last_validated != update and update > self.start:
                 self._validate(update)
             if last_saved != update:

@@ -33,8 +33,11 @@ def seed_argv(data_path: str) -> list[str]:
 def test_seed_command_is_accepted_as_written():
     cfg = parse_args(seed_argv("wikitext103-bin"))
     a = cfg.args
-    assert cfg.model.name == "transformer_lm_megatron_11b" and cfg.model.compute_dtype == "bfloat16"
-    assert cfg.model.param_dtype == "float32" and "fp32 params+Adam" in cfg.dtype_policy
+    # --memory-efficient-fp16: fp16 parameters and compute, fp32 Adam, fairseq's loss scaler with its defaults.
+    assert cfg.model.name == "transformer_lm_megatron_11b" and cfg.model.compute_dtype == "float16"
+    assert cfg.model.param_dtype == "float16" and cfg.precision == "memory_efficient_fp16"
+    assert "fp16 params" in cfg.dtype_policy and "fp32 Adam" in cfg.dtype_policy
+    assert (cfg.loss_scale.init_scale, cfg.loss_scale.scale_window, cfg.loss_scale.min_scale) == (128.0, None, 1e-4)
     assert (cfg.batch_size, cfg.tokens_per_sample, cfg.model_parallel_size, cfg.world_size) == (2, 1024, 8, 8)
     assert cfg.optim.betas == (0.9, 0.98) and cfg.optim.lr == 0.00015 and cfg.optim.eps == 1e-8
     assert (cfg.optim.warmup_updates, cfg.optim.weight_decay, cfg.optim.clip_norm) == (3000, 0.01, 0.0)
@@ -51,7 +54,8 @@ def test_seed_command_compile_only_reports_the_full_model_fits():
     counted = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nn.unbox(abstract_variables(release))))
     assert report["params"] == counted == release.num_params()  # the model's own tree, 11_032_246_272
     assert report["mesh"]["shape"] == {"data": 1, "model": 8} and report["mesh"]["platform"] == "cpu"
-    assert report["sequence_parallel"] is True and report["compute_dtype"] == "bfloat16"
+    assert report["sequence_parallel"] is True and report["compute_dtype"] == "float16"
+    assert report["param_dtype"] == "float16" and report["loss_scaling"] is True
     assert 10 * 2**30 < report["per_device_bytes"]["total"] <= 80 * 2**30 and report["fits"] is True
     assert report["tokens_per_step"] == 2 * 1024
     for kind in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"):
@@ -130,6 +134,13 @@ def _tiny(data, save, *extra):
     ("transposed grads vs save_dots", ["DATA", "--arch", "tiny", "--batch-size", "2", "--weight-grad-impl",
                                        "transposed", "--remat-policy", "save_dots"],
      r"weight_grad_impl='transposed' hides the projections from remat policy 'save_dots'"),
+    ("fp16 with bf16", ["DATA", "--arch", "tiny", "--batch-size", "2", "--fp16", "--bf16"],
+     r"--fp16 and --bf16 ask for two precisions: give the fp16 flags or the bf16 flags, not both"),
+    ("memory-efficient fp16 with bf16", ["DATA", "--arch", "tiny", "--batch-size", "2", "--memory-efficient-fp16",
+                                         "--memory-efficient-bf16"], r"--memory-efficient-fp16 and "
+     r"--memory-efficient-bf16 ask for two precisions"),
+    ("bad scale window", ["DATA", "--arch", "tiny", "--batch-size", "2", "--fp16", "--fp16-scale-window", "0"],
+     r"--fp16-scale-window 0 must be >= 1"),
 ])
 def test_bad_command_lines_are_one_clear_error(case, argv, message, tmp_path):
     with pytest.raises(UserError, match=message) as e:
