@@ -7,6 +7,8 @@ fp32 params + fp32 Adam, bf16 compute, 1024-token sequences, on one GPU: tokens/
 policies, batch sizes and dropout generators (within a time budget). MFU convention: model FLOPs
 6*N_matmul*tokens + attention (QK^T and PV, 4*L*T*d per token forward, x3 for fwd+bwd) per second, over the
 chip's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s); remat recompute is not counted as useful work.
+Part 1b (`--precisions`): the same step under each precision policy (m11b_jax.precision: bf16 and fp16 compute,
+fp32 or 16-bit parameters, fp16 with fairseq's loss scaler): step time, tokens/s, loss, overflows, peak memory.
 Part 2: the 11B train step (8 x 1024 tokens, mesh (1, 8)) compiled for 8 GPUs of this machine's kind
 (JAX's CUDA topology, no 8 GPUs needed): per-device memory with full remat, with/without sequence parallelism.
 Prints one JSON line per measurement and a table at the end.
@@ -25,6 +27,7 @@ import numpy as np
 from m11b_jax import aot
 from m11b_jax import sharding
 from m11b_jax.config import analytic_train_flops, load_config
+from m11b_jax.precision import POLICIES, LossScaleConfig
 from m11b_jax.targets import peak_flops
 from m11b_jax.train_step import OptimConfig, init_train_state, make_train_step
 
@@ -66,6 +69,39 @@ def train_throughput(arch: str, policy: str, batch: int, rng_impl: str, steps: i
             "compile_s": round(compile_s, 1), "peak_mem_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 2)}
 
 
+def precision_step(arch: str, precision: str, batch: int, remat: str = "save_dots_no_batch", steps: int = 6) -> dict:
+    """The one-GPU step under a precision policy (the fp16 ones with fairseq's loss scaler, initial scale 128)."""
+    pol = POLICIES[precision]
+    cfg = load_config(arch, remat_policy=remat, param_dtype=pol.param_dtype, compute_dtype=pol.compute_dtype)
+    mesh, rules = S.make_mesh(1, jax.devices()[:1]), S.logical_rules()
+    ocfg = OptimConfig(lr=1e-4, warmup_updates=100)
+    scaler = LossScaleConfig(scale_window=2048) if pol.loss_scaling else None
+    state = init_train_state(cfg, mesh, rules, ocfg, loss_scale=scaler)
+    step = make_train_step(cfg, mesh, rules, ocfg, rng_impl="rbg", loss_scale=scaler)
+    t = cfg.max_positions
+    tok = np.random.default_rng(0).integers(4, cfg.vocab_size, (1, batch, t + 1)).astype(np.int32)
+    b = {"source": jax.device_put(tok[:, :, :-1]), "target": jax.device_put(tok[:, :, 1:])}
+    t0 = time.perf_counter()
+    state, m = step(state, b)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    overflows = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, b)
+        overflows += int(float(m.get("overflow", 0.0)))  # a host read per step: the fp16 loop reads it too
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / steps
+    peak = peak_flops(jax.devices()[0].device_kind)
+    mem = jax.devices()[0].memory_stats() or {}
+    return {"part": "precision", "arch": arch, "precision": precision, "remat_policy": remat, "batch": batch,
+            "step_s": round(dt, 4), "tokens_per_s": round(batch * t / dt),
+            "mfu": round(analytic_train_flops(cfg, batch, t) / dt / peak, 4) if peak else None,
+            "loss": float(m["loss"]), "overflows": overflows, "loss_scale": float(m.get("loss_scale", 1.0)),
+            "update": int(m["update"]), "compile_s": round(compile_s, 1),
+            "peak_mem_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 2)}
+
+
 def compile_11b(sp: bool, target: str) -> dict:
     cfg = load_config("transformer_lm_megatron_11b", remat_policy="full", compute_dtype="bfloat16")
     mesh = aot.target_mesh(target, 8, 8)
@@ -83,6 +119,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new throughput runs after this")
     ap.add_argument("--variants", default="save_dots_no_batch:8:rbg,full:8:rbg,save_dots:8:rbg,"
                                           "save_dots_no_batch:16:rbg,save_dots_no_batch:8:threefry2x32")
+    ap.add_argument("--precisions", default="bf16,fp16,memory_efficient_fp16,memory_efficient_bf16",
+                    help="part 1b: precision policies to time (empty: skip)")
     args = ap.parse_args()
     dev = jax.devices()[0]
     print(json.dumps({"jax": jax.__version__, "device": dev.device_kind, "platform": dev.platform}), flush=True)
@@ -96,6 +134,15 @@ def main():
             emit(train_throughput(args.arch, policy, int(batch), rng))
         except Exception as e:  # report and go on: one failed variant must not lose the others
             emit({"part": "train_1.3b", "variant": v, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            traceback.print_exc()
+    for precision in [p for p in args.precisions.split(",") if p]:
+        if time.perf_counter() - start > args.budget_s:
+            print(json.dumps({"skipped": precision, "reason": "time budget"}), flush=True)
+            continue
+        try:
+            emit(precision_step(args.arch, precision, 8))
+        except Exception as e:
+            emit({"part": "precision", "precision": precision, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             traceback.print_exc()
     kind = "h200" if "H200" in dev.device_kind else "h100"
     for sp in () if args.skip_11b else (True, False):
