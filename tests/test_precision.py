@@ -250,3 +250,38 @@ def test_fp16_minimum_loss_scale_stops_and_keeps_last_good_checkpoint(data, tmp_
     assert ckpt.list_steps(save) == [1]
     overflow_scales = [r["loss_scale"] for r in _records(save) if r.get("overflow")]
     assert overflow_scales == [64.0]
+
+
+def test_fused_and_vocab_parallel_losses_with_float16_and_a_loss_scale():
+    """float16 operands, gradients of scale x loss (the fp16 backward): the fused loss and the vocab-parallel loss
+    equal the fp32 loss of the same fp16 values, and their unscaled gradients match it to fp16 precision."""
+    from m11b_jax.loss import cross_entropy, output_cross_entropy, vocab_parallel_cross_entropy
+
+    rng = np.random.default_rng(3)
+    n, d, v, scale = 96, 32, 256, 1024.0
+    hidden = jnp.asarray(rng.normal(size=(n, d)) * 2.0, jnp.float16)
+    embed = jnp.asarray(rng.normal(size=(v, d)) * 0.5, jnp.float16)
+    targets = jnp.asarray(rng.integers(0, v, size=n))
+    targets = targets.at[:5].set(1)  # a few pads
+    h32, e32 = hidden.astype(jnp.float32), embed.astype(jnp.float32)
+    ref_value, ref_grads = jax.value_and_grad(lambda h, e: cross_entropy(h @ e.T, targets, 1)[0], (0, 1))(h32, e32)
+
+    value, grads = jax.value_and_grad(lambda h, e: scale * output_cross_entropy(h, e, targets, 1)[0], (0, 1))(
+        hidden, embed)
+    assert grads[0].dtype == grads[1].dtype == jnp.float16
+    np.testing.assert_allclose(value / scale, ref_value, rtol=2e-3)
+    for got, want in zip(grads, ref_grads):
+        got = np.asarray(got, np.float32) / scale
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=0, atol=5e-3 * float(jnp.abs(want).max()))
+
+    mesh = S.make_mesh(2)  # the vocabulary split over a model axis of 2
+    logits16 = (hidden @ embed.T).reshape(8, 12, v)  # fp16 logits, as the model hands them to the criterion
+    t2 = targets.reshape(8, 12)
+    l32 = logits16.astype(jnp.float32)
+    ref_l, ref_g = jax.value_and_grad(lambda x: cross_entropy(x, t2, 1)[0])(l32)
+    got_l, got_g = jax.jit(jax.value_and_grad(lambda x: scale * vocab_parallel_cross_entropy(x, t2, mesh, 1)[0]))(
+        logits16)
+    assert got_g.dtype == jnp.float16
+    np.testing.assert_allclose(got_l / scale, ref_l, rtol=1e-5)  # the loss itself is fp32 inside
+    np.testing.assert_allclose(np.asarray(got_g, np.float32) / scale, ref_g, rtol=0, atol=2e-3)
