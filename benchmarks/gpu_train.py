@@ -73,7 +73,7 @@ def precision_step(arch: str, precision: str, batch: int, remat: str = "save_dot
     """The one-GPU step under a precision policy (the fp16 ones with fairseq's loss scaler, initial scale 128)."""
     pol = POLICIES[precision]
     cfg = load_config(arch, remat_policy=remat, param_dtype=pol.param_dtype, compute_dtype=pol.compute_dtype)
-    mesh, rules = S.make_mesh(1, jax.devices()[:1]), S.logical_rules()
+    mesh, rules = sharding.make_mesh(1, jax.devices()[:1]), sharding.logical_rules()
     ocfg = OptimConfig(lr=1e-4, warmup_updates=100)
     scaler = LossScaleConfig(scale_window=2048) if pol.loss_scaling else None
     state = init_train_state(cfg, mesh, rules, ocfg, loss_scale=scaler)

@@ -77,7 +77,8 @@ def test_loss_scaler_matches_fairseq_transcription(cfg, script):
         return s, (s.scale, overflow, min_reached)
 
     overflows = jnp.asarray([c == "x" for c in script])
-    _, (scales, flags, mins) = jax.jit(lambda s, xs: jax.lax.scan(body, s, xs))(init_loss_scale(cfg), overflows)
+    _, out = jax.jit(lambda s, xs: jax.lax.scan(body, s, xs))(init_loss_scale(cfg), overflows)
+    scales, flags, mins = (np.asarray(x) for x in out)
     seen = set()
     for i, c in enumerate(script):
         try:
@@ -264,9 +265,10 @@ def test_fused_and_vocab_parallel_losses_with_float16_and_a_loss_scale():
     targets = jnp.asarray(rng.integers(0, v, size=n))
     targets = targets.at[:5].set(1)  # a few pads
     h32, e32 = hidden.astype(jnp.float32), embed.astype(jnp.float32)
-    ref_value, ref_grads = jax.value_and_grad(lambda h, e: cross_entropy(h @ e.T, targets, 1)[0], (0, 1))(h32, e32)
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(lambda h, e: cross_entropy(h @ e.T, targets, 1)[0], (0, 1)))(
+        h32, e32)
 
-    value, grads = jax.value_and_grad(lambda h, e: scale * output_cross_entropy(h, e, targets, 1)[0], (0, 1))(
+    value, grads = jax.jit(jax.value_and_grad(lambda h, e: scale * output_cross_entropy(h, e, targets, 1)[0], (0, 1)))(
         hidden, embed)
     assert grads[0].dtype == grads[1].dtype == jnp.float16
     np.testing.assert_allclose(value / scale, ref_value, rtol=2e-3)
@@ -279,9 +281,10 @@ def test_fused_and_vocab_parallel_losses_with_float16_and_a_loss_scale():
     logits16 = (hidden @ embed.T).reshape(8, 12, v)  # fp16 logits, as the model hands them to the criterion
     t2 = targets.reshape(8, 12)
     l32 = logits16.astype(jnp.float32)
-    ref_l, ref_g = jax.value_and_grad(lambda x: cross_entropy(x, t2, 1)[0])(l32)
-    got_l, got_g = jax.jit(jax.value_and_grad(lambda x: scale * vocab_parallel_cross_entropy(x, t2, mesh, 1)[0]))(
-        logits16)
+    ref_l, ref_g = jax.jit(jax.value_and_grad(lambda x: cross_entropy(x, t2, 1)[0]))(l32)
+    rules = S.logical_rules()
+    got_l, got_g = jax.jit(jax.value_and_grad(
+        lambda x: scale * vocab_parallel_cross_entropy(x, t2, mesh, rules, 1)[0]))(logits16)
     assert got_g.dtype == jnp.float16
     np.testing.assert_allclose(got_l / scale, ref_l, rtol=1e-5)  # the loss itself is fp32 inside
     np.testing.assert_allclose(np.asarray(got_g, np.float32) / scale, ref_g, rtol=0, atol=2e-3)
