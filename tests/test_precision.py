@@ -226,10 +226,10 @@ def test_fp16_resume_after_sigkill_continues_losses_and_scales_exactly(data, tmp
     straight_overflows = [(r["update"], r["loss_scale"]) for r in _records(tmp_path / "straight") if r.get("overflow")]
     assert straight_overflows and all(s < 65536 for _, s in straight_overflows)
 
-    from m11b_jax import eval_lm
+    from m11b_jax import params_io
 
-    # eval_lm loads the fp16 training checkpoint (16-bit parameters and a loss scaler in its state) in fp32.
-    cfg, params, _ = eval_lm.load_checkpoint(save, S.make_mesh(2), S.logical_rules(), "float32")
+    # eval_lm's loader reads the fp16 training checkpoint (16-bit parameters and a loss scaler in its state) in fp32.
+    cfg, params, _ = params_io.load_checkpoint(save, S.make_mesh(2), S.logical_rules(), "float32")
     leaves = jax.tree.leaves(jax.device_get(params))
     assert cfg.param_dtype == "float32" and all(x.dtype == np.float32 and np.isfinite(x).all() for x in leaves)
     assert all(np.array_equal(x.astype(np.float16).astype(np.float32), x) for x in leaves)  # the stored fp16 values
