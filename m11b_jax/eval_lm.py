@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_only.add_argument("--arch", default="transformer_lm_megatron_11b",
                               help="config name in configs/ or a JSON path")
     compile_only.add_argument("--target", help="compile for this GPU (h100, h200, a100; no GPU needed, JAX's CUDA "
-                                               "plugin is) instead of this host's devices")
+                                               "plugin is) or whole TPU slice (v4-8 ... v6e-8, see m11b_jax.targets; "
+                                               "libtpu is: pip install -e .[tpu-aot]) instead of this host's devices")
     return p
 
 
@@ -375,6 +376,13 @@ def _stderr(msg: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.compile_only:
+        from m11b_jax.runtime import force_cpu_platform
+        from m11b_jax.targets import check_target, is_tpu
+
+        if args.target:
+            check_target(args.target)
+        if is_tpu(args.target):
+            force_cpu_platform()  # the slice is described by libtpu; this process itself needs only its CPU
         # Simulated CPU devices for the mesh when JAX has not started yet (a GPU/TPU backend is unaffected).
         if not backends_initialized():
             configure_cpu_devices(max(jax.config.jax_num_cpu_devices, args.model_parallel_size))
@@ -382,12 +390,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = eval_config(load_config(args.arch), args.dtype)
         cfg.validate(args.model_parallel_size, tokens_per_sample=args.tokens_per_sample)
         ContextWindows(1, args.tokens_per_sample, args.context_window)  # the flags' one-line errors
-        # One model-parallel group: per-device memory is the same for every data-parallel replica.
-        mesh = aot.target_mesh(args.target, args.model_parallel_size, args.model_parallel_size)
+        # One model-parallel group: per-device memory is the same for every data-parallel replica. A TPU
+        # slice compiles whole (all its chips and hosts; --batch-size is per data-parallel replica).
+        n = None if is_tpu(args.target) else args.model_parallel_size
+        mesh = aot.target_mesh(args.target, n, args.model_parallel_size)
         report = aot.compile_eval_report(cfg, mesh, batch_size=args.batch_size,
                                          tokens_per_sample=args.tokens_per_sample, context_window=args.context_window,
                                          attention_chunk=args.attention_chunk, passes=args.passes)
         report["target"] = args.target or mesh.devices.flat[0].platform
+        if args.target:
+            from m11b_jax.targets import memory_bytes
+
+            report["device_memory_gib"] = round(memory_bytes(args.target) / 2**30, 2)
+            report["headroom_fraction"] = round(1 - report["per_device_bytes"]["total"] / memory_bytes(args.target), 4)
         print(json.dumps(report, indent=2))
         return
     if args.data is None or args.path is None:

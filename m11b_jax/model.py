@@ -197,13 +197,18 @@ class TransformerLM(nn.Module):
         w = jax.random.normal(key, shape, dtype) * (shape[1] ** -0.5)
         return w.at[self.cfg.pad_idx].set(0)
 
+    def _embedding(self) -> jax.Array:
+        # The table as the lookup and the output projection use it: whole along d_model (gathered first when the
+        # table splits the weight's `embed` axis, as FSDP does), split over the vocabulary.
+        return nn.with_logical_constraint(self.embed_tokens, (VOCAB, ACTIVATION_EMBED))
+
     def hidden_states(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         """Final-LayerNorm output [batch, length, d] (fp32)."""
         cfg = self.cfg
         cdt = jax_dtype(cfg.compute_dtype)
         tokens = nn.with_logical_constraint(tokens, (BATCH, TP_LENGTH))
         key_mask = tokens != cfg.pad_idx
-        emb = jnp.take(self.embed_tokens, tokens, axis=0).astype(jnp.float32)
+        emb = jnp.take(self._embedding(), tokens, axis=0).astype(jnp.float32)
         pos = sinusoidal_embedding(fairseq_positions(tokens, cfg.pad_idx), cfg.d_model, cfg.pad_idx)
         x = nn.with_logical_constraint(math.sqrt(cfg.d_model) * emb + pos, (BATCH, RESIDUAL_LENGTH, ACTIVATION_EMBED))
         x = self.dropout(x, deterministic=deterministic)
@@ -226,7 +231,7 @@ class TransformerLM(nn.Module):
         multiplies."""
         cdt = jax_dtype(self.cfg.compute_dtype)
         hidden = nn.with_logical_constraint(hidden.astype(cdt), (BATCH, TP_LENGTH, ACTIVATION_EMBED))
-        return hidden, self.embed_tokens.astype(cdt)
+        return hidden, self._embedding().astype(cdt)
 
     def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.logits(self.hidden_states(tokens, deterministic))

@@ -112,3 +112,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def describe(mesh: Mesh) -> dict:
     return {"shape": dict(mesh.shape), "devices": mesh.devices.size, "platform": mesh.devices.flat[0].platform}
+
+
+def check_fsdp(cfg, mesh: Mesh) -> None:
+    """--fsdp splits every weight's `embed` axis (d_model) over the data axis: it must divide d_model."""
+    data = mesh.shape[DATA]
+    if cfg.d_model % data:
+        raise UserError(f"--fsdp splits d_model={cfg.d_model} over the {data} data-parallel replicas: choose a "
+                        f"--model-parallel-size that leaves a data axis dividing {cfg.d_model}, or drop --fsdp")

@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--multihost", action="store_true",
                    help="call jax.distributed.initialize() and let JAX detect the cluster (e.g. a TPU pod slice); "
                         "SLURM, Open MPI and explicit coordinators are detected without it")
+    g.add_argument("--fsdp", action="store_true",
+                   help="also split every weight and its Adam state over the data axis (ZeRO-3 style: each layer's "
+                        "weights are all-gathered as the layer runs, gradients reduced back to their shards); "
+                        "for chips too small for the model axis alone (e.g. 16 GB TPU v5e)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
 
     g = p.add_argument_group("checkpoints and logging")
@@ -221,10 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("ahead-of-time check")
     g.add_argument("--compile-only", action="store_true",
                    help="compile the train step from abstract inputs (no weights allocated), print one JSON report, exit")
+<<<<<<< HEAD
     g.add_argument("--device-memory-gb", type=float, default=80.0,
                    help="with --compile-only: fail when the step needs more than this per device")
     g.add_argument("--target", help="with --compile-only: compile for this GPU (h100, h200, a100, v100) instead of CPUs "
                                     "(needs pip install -e .[cuda-aot])")
+=======
+    g.add_argument("--device-memory-gb", type=float, default=None,
+                   help="with --compile-only: fail when the step needs more than this (GiB) per device (default: a "
+                        "TPU target's HBM per chip, 80 otherwise)")
+    g.add_argument("--target", help="with --compile-only: compile for this GPU (h100, h200, a100, ...; needs "
+                                    "pip install -e .[cuda-aot]) or whole TPU slice (v4-8, v4-16, v5e-8, v5e-16, "
+                                    "v5p-8, v5p-16, v6e-8; needs pip install -e .[tpu-aot]) instead of CPUs")
+>>>>>>> 15d62a5 (TPU slices as --target (v4-8/16, v5e-8/16, v5p-8/16, v6e-8; libtpu via the tpu-aot extra, one-line error without it); --fsdp (weights and Adam state also over data, embedding gathered before use); compiled FLOPs/bytes per device in the report; bench_memory --targets fit table; tests)
     return p
 
 
@@ -244,6 +257,7 @@ class RunConfig:
     model_parallel_size: int
     sequence_parallel: bool
     dtype_policy: str
+    fsdp: bool
     world_size: int | None
     validate_at_start: bool = False
     precision: str = "fp32"  # a precision.POLICIES name
@@ -309,6 +323,10 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         raise UserError(f"--adam-betas {args.adam_betas} must both be in [0, 1)")
     if args.target and not args.compile_only:
         raise UserError("--target only applies to --compile-only (training runs on the devices present)")
+    if args.target:
+        from m11b_jax.targets import check_target
+
+        check_target(args.target)
     if args.restore_file not in (None, "checkpoint_last", "checkpoint_last.pt") and args.finetune_from_model:
         raise UserError("give either --restore-file (continue a run) or --finetune-from-model (start from converted "
                         "weights), not both")
@@ -342,8 +360,13 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     return RunConfig(args=args, model=model, optim=optim, data=args.data, offline=offline, tokens_per_sample=tokens,
                      batch_size=args.batch_size, batch_size_valid=args.batch_size_valid or args.batch_size,
                      update_freq=args.update_freq, model_parallel_size=mp, sequence_parallel=sp,
+<<<<<<< HEAD
                      dtype_policy=P.describe(precision), world_size=args.distributed_world_size,
                      validate_at_start=offline, precision=precision, loss_scale=loss_scale)
+=======
+                     dtype_policy=dtype_policy, fsdp=args.fsdp, world_size=args.distributed_world_size,
+                     validate_at_start=offline)
+>>>>>>> 15d62a5 (TPU slices as --target (v4-8/16, v5e-8/16, v5p-8/16, v6e-8; libtpu via the tpu-aot extra, one-line error without it); --fsdp (weights and Adam state also over data, embedding gathered before use); compiled FLOPs/bytes per device in the report; bench_memory --targets fit table; tests)
 
 
 def _typed(parser: argparse.ArgumentParser, dest: str, value):
@@ -393,7 +416,12 @@ def compile_only(run: RunConfig) -> dict:
 
     from m11b_jax import aot
 
+    from m11b_jax import targets
+
     a = run.args
+    if targets.is_tpu(a.target):  # the slice's own chip count (--distributed-world-size must agree)
+        mesh = aot.target_mesh(a.target, run.world_size, run.model_parallel_size)
+        return _compile_report(run, mesh, targets.memory_bytes(a.target) / 2**30)
     n = run.world_size or DEFAULT_CPU_DEVICES
     if a.target and importlib.util.find_spec("jax_cuda12_plugin") is None:
         raise UserError(f"--target {a.target} compiles with JAX's CUDA plugin, which is not installed: "
@@ -402,13 +430,27 @@ def compile_only(run: RunConfig) -> dict:
         raise UserError(f"--compile-only needs {n} CPU devices but this process has {jax.device_count()}: "
                         "run it in a fresh process")
     mesh = aot.target_mesh(a.target, n, run.model_parallel_size)  # target None: this process's (CPU) devices
+    return _compile_report(run, mesh, 80.0)
+
+
+def _compile_report(run: RunConfig, mesh, default_memory_gb: float) -> dict:
+    from m11b_jax import aot
+
+    a = run.args
+    if a.device_memory_gb is None:
+        a.device_memory_gb = default_memory_gb
     report = aot.compile_report(run.model, mesh, batch_size=run.batch_size, tokens_per_sample=run.tokens_per_sample,
                                 update_freq=run.update_freq, sequence_parallel=run.sequence_parallel, ocfg=run.optim,
+<<<<<<< HEAD
                                 target=a.target, criterion=a.criterion,
                                 loss_scale=_resolved_loss_scale(run, mesh))
+=======
+                                target=a.target, criterion=a.criterion, fsdp=run.fsdp)
+>>>>>>> 15d62a5 (TPU slices as --target (v4-8/16, v5e-8/16, v5p-8/16, v6e-8; libtpu via the tpu-aot extra, one-line error without it); --fsdp (weights and Adam state also over data, embedding gathered before use); compiled FLOPs/bytes per device in the report; bench_memory --targets fit table; tests)
     report["dtype_policy"] = run.dtype_policy
     report["device_memory_gb"] = a.device_memory_gb
     report["fits"] = report["per_device_bytes"]["total"] <= a.device_memory_gb * 2**30
+    report["headroom_fraction"] = round(1 - report["per_device_bytes"]["total"] / (a.device_memory_gb * 2**30), 4)
     return report
 
 

@@ -108,6 +108,7 @@ class Trainer:
 
         self.mesh = sharding.make_mesh(run.model_parallel_size)
         runtime.retain_host_memory_on_cpu(self.mesh)  # reuse each step's host buffers, not page-fault them in again
+<<<<<<< HEAD
         self.rules = sharding.logical_rules(sequence_parallel=run.sequence_parallel)
         # fairseq's default scale window depends on the data-parallel size: resolved on this mesh.
         self.loss_scale = None if run.loss_scale is None else run.loss_scale.with_window(
@@ -115,6 +116,11 @@ class Trainer:
         warning = P.warn_if_fp16_on_tpu(run.precision, jax.default_backend())
         if warning and self.is_main:
             print(warning, file=sys.stderr, flush=True)
+=======
+        if run.fsdp:
+            sharding.check_fsdp(self.cfg, self.mesh)
+        self.rules = sharding.logical_rules(sequence_parallel=run.sequence_parallel, fsdp=run.fsdp)
+>>>>>>> 15d62a5 (TPU slices as --target (v4-8/16, v5e-8/16, v5p-8/16, v6e-8; libtpu via the tpu-aot extra, one-line error without it); --fsdp (weights and Adam state also over data, embedding gathered before use); compiled FLOPs/bytes per device in the report; bench_memory --targets fit table; tests)
         self.batches = train_data.TrainBatches(self.train_blocks, self.mesh, run.batch_size, run.update_freq,
                                                seed=args.seed, prefetch=args.num_workers, rules=self.rules)
         self.seed = args.seed
@@ -286,7 +292,8 @@ class Trainer:
         self._note(
             f"| {cfg.name}: {cfg.num_params() / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on "
             f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | "
-            f"sequence parallel {run.sequence_parallel} | {run.dtype_policy} | dropout rng {self.rng_impl} | "
+            f"sequence parallel {run.sequence_parallel} | fsdp {run.fsdp} | {run.dtype_policy} | "
+            f"dropout rng {self.rng_impl} | "
             f"global batch {rows} x {run.tokens_per_sample} tokens x update-freq {run.update_freq} | data "
             f"{self.data_path} ({self.train_blocks.num_tokens} train tokens, {len(self.dictionary)} symbols)"
             + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
