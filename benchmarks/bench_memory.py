@@ -98,6 +98,8 @@ def fit_row(name: str, compile_it: bool) -> dict:
         "xla_bytes_accessed_per_chip": r["compiled_per_device"]["bytes_accessed"],
         "analytic_flops_per_chip": r["flops_per_step"] / spec.chips,
         "collective_counts": {k: v["count"] for k, v in coll.items() if v["count"]},
+        "collectives_inside_layer_loops": r["collectives_inside_layer_loops"],
+        "whole_layer_stack_collectives": r["whole_layer_stack_collectives"],
         "all_gather_shapes": coll["all-gather"]["shapes"][:12],
         "reduce_scatter_shapes": coll["reduce-scatter"]["shapes"][:12],
     })

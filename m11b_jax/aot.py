@@ -141,6 +141,12 @@ def compile_report(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample
                                         update_freq=update_freq, sequence_parallel=sequence_parallel, ocfg=ocfg,
                                         criterion=criterion, loss_scale=loss_scale, fsdp=fsdp)
     global_tokens = batch_size * mesh.shape[sharding.DATA] * tokens_per_sample * update_freq
+    hlo = compiled.as_text()
+    split = collectives(hlo, split_loops=True)
+    in_loops = {k: sum(b[k]["count"] for b in split["loop_bodies"].values()) for k in COLLECTIVES}
+    # A collective whose result is a whole [layers, ...] stack (a weight stack gathered, gradients reduced at once).
+    whole_stacks = sorted({s for part in [split["outside"], *split["loop_bodies"].values()] for v in part.values()
+                           for s in v["shapes"] if re.fullmatch(rf"\w+\[{cfg.num_layers},\d+,\d+(,\d+)*\]", s)})
     return {
         "arch": cfg.name,
         "params": cfg.num_params(),
@@ -151,7 +157,9 @@ def compile_report(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_sample
         "update_freq": update_freq,
         "tokens_per_step": global_tokens,
         "per_device_bytes": memory(compiled),
-        "collectives": collectives(compiled.as_text()),
+        "collectives": collectives(hlo),
+        "collectives_inside_layer_loops": {k: v for k, v in in_loops.items() if v},
+        "whole_layer_stack_collectives": whole_stacks,
         "flops_per_step": analytic_train_flops(cfg, global_tokens // tokens_per_sample, tokens_per_sample),
         "flops_formula": "6*N_matmul*tokens + 3*(4*L*T*d*tokens)  (N_matmul = L*(4d^2+2*d*ffn) + V*d; "
                          "attention QK^T and PV at 2 FLOPs/MAC, forward x3 for fwd+bwd; remat recompute excluded)",
