@@ -414,9 +414,7 @@ def compile_only(run: RunConfig) -> dict:
     """Build and compile the full train step from abstract inputs; return the report (printed by main)."""
     import jax
 
-    from m11b_jax import aot
-
-    from m11b_jax import targets
+    from m11b_jax import aot, targets
 
     a = run.args
     if targets.is_tpu(a.target):  # the slice's own chip count (--distributed-world-size must agree)

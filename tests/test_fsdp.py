@@ -28,7 +28,7 @@ def _losses(cfg, ocfg, host_params, batches, data, model, fsdp):
         assert state.params["layers"]["fc1"]["kernel"].sharding.spec == P(None, S.DATA, S.MODEL)
         assert state.opt_state.nu["embed_tokens"].sharding.spec == P(S.MODEL, S.DATA)
     step = make_train_step(cfg, mesh, rules, ocfg, seed=3)
-    bs = batch_shardings(mesh)
+    bs = batch_shardings(mesh, rules)
     losses = []
     for b in batches:
         state, m = step(state, {k: jax.device_put(v, bs[k]) for k, v in b.items()})
@@ -38,8 +38,7 @@ def _losses(cfg, ocfg, host_params, batches, data, model, fsdp):
 
 def test_fsdp_meshes_train_like_pure_model_parallelism():
     """(2, 4) and (4, 2) with --fsdp vs (1, 8) without: three updates of the tiny model from the same
-    parameters on the same batches give the same losses and parameters (to float reassociation: Adam's early
-    steps, near m / sqrt(v) = +-1, carry it to ~5e-6, far below one update of lr 1e-3)."""
+    parameters on the same batches give the same losses and parameters (to float reassociation)."""
     cfg = load_config("tiny", dropout=0.0, attention_dropout=0.0, max_positions=32)
     ocfg = OptimConfig(lr=1e-3, warmup_updates=0, clip_norm=1.0)
     host_params = jax.device_get(init_train_state(cfg, S.make_mesh(8), S.logical_rules(), ocfg, seed=5).params)
@@ -55,7 +54,9 @@ def test_fsdp_meshes_train_like_pure_model_parallelism():
         losses, params = _losses(cfg, ocfg, host_params, batches, data, model, fsdp=True)
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, err_msg=f"({data}, {model})")
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-            np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
+            # Within 10% of one update (lr 1e-3): Adam normalizes the rounding noise of gradients that are ~0
+            # (k_proj's bias has an exactly zero gradient), so those entries differ by up to ~2e-5.
+            np.testing.assert_allclose(a, b, rtol=0, atol=0.1 * ocfg.lr)
 
 
 LAYERS, DATA, MODEL, BATCH = 3, 2, 4, 4  # a stacked weight is [3, ...]; an activation [4, ...]
