@@ -225,19 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("ahead-of-time check")
     g.add_argument("--compile-only", action="store_true",
                    help="compile the train step from abstract inputs (no weights allocated), print one JSON report, exit")
-<<<<<<< HEAD
-    g.add_argument("--device-memory-gb", type=float, default=80.0,
-                   help="with --compile-only: fail when the step needs more than this per device")
-    g.add_argument("--target", help="with --compile-only: compile for this GPU (h100, h200, a100, v100) instead of CPUs "
-                                    "(needs pip install -e .[cuda-aot])")
-=======
     g.add_argument("--device-memory-gb", type=float, default=None,
                    help="with --compile-only: fail when the step needs more than this (GiB) per device (default: a "
                         "TPU target's HBM per chip, 80 otherwise)")
-    g.add_argument("--target", help="with --compile-only: compile for this GPU (h100, h200, a100, ...; needs "
+    g.add_argument("--target", help="with --compile-only: compile for this GPU (h100, h200, a100, v100; needs "
                                     "pip install -e .[cuda-aot]) or whole TPU slice (v4-8, v4-16, v5e-8, v5e-16, "
                                     "v5p-8, v5p-16, v6e-8; needs pip install -e .[tpu-aot]) instead of CPUs")
->>>>>>> 15d62a5 (TPU slices as --target (v4-8/16, v5e-8/16, v5p-8/16, v6e-8; libtpu via the tpu-aot extra, one-line error without it); --fsdp (weights and Adam state also over data, embedding gathered before use); compiled FLOPs/bytes per device in the report; bench_memory --targets fit table; tests)
     return p
 
 
@@ -360,13 +353,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     return RunConfig(args=args, model=model, optim=optim, data=args.data, offline=offline, tokens_per_sample=tokens,
                      batch_size=args.batch_size, batch_size_valid=args.batch_size_valid or args.batch_size,
                      update_freq=args.update_freq, model_parallel_size=mp, sequence_parallel=sp,
-<<<<<<< HEAD
-                     dtype_policy=P.describe(precision), world_size=args.distributed_world_size,
+                     dtype_policy=P.describe(precision), fsdp=args.fsdp, world_size=args.distributed_world_size,
                      validate_at_start=offline, precision=precision, loss_scale=loss_scale)
-=======
-                     dtype_policy=dtype_policy, fsdp=args.fsdp, world_size=args.distributed_world_size,
-                     validate_at_start=offline)
->>>>>>> 15d62a5 (TPU slices as --target (v4-8/16, v5e-8/16, v5p-8/16, v6e-8; libtpu via the tpu-aot extra, one-line error without it); --fsdp (weights and Adam state also over data, embedding gathered before use); compiled FLOPs/bytes per device in the report; bench_memory --targets fit table; tests)
 
 
 def _typed(parser: argparse.ArgumentParser, dest: str, value):
@@ -439,12 +427,8 @@ def _compile_report(run: RunConfig, mesh, default_memory_gb: float) -> dict:
         a.device_memory_gb = default_memory_gb
     report = aot.compile_report(run.model, mesh, batch_size=run.batch_size, tokens_per_sample=run.tokens_per_sample,
                                 update_freq=run.update_freq, sequence_parallel=run.sequence_parallel, ocfg=run.optim,
-<<<<<<< HEAD
                                 target=a.target, criterion=a.criterion,
-                                loss_scale=_resolved_loss_scale(run, mesh))
-=======
-                                target=a.target, criterion=a.criterion, fsdp=run.fsdp)
->>>>>>> 15d62a5 (TPU slices as --target (v4-8/16, v5e-8/16, v5p-8/16, v6e-8; libtpu via the tpu-aot extra, one-line error without it); --fsdp (weights and Adam state also over data, embedding gathered before use); compiled FLOPs/bytes per device in the report; bench_memory --targets fit table; tests)
+                                loss_scale=_resolved_loss_scale(run, mesh), fsdp=run.fsdp)
     report["dtype_policy"] = run.dtype_policy
     report["device_memory_gb"] = a.device_memory_gb
     report["fits"] = report["per_device_bytes"]["total"] <= a.device_memory_gb * 2**30

@@ -108,19 +108,15 @@ class Trainer:
 
         self.mesh = sharding.make_mesh(run.model_parallel_size)
         runtime.retain_host_memory_on_cpu(self.mesh)  # reuse each step's host buffers, not page-fault them in again
-<<<<<<< HEAD
-        self.rules = sharding.logical_rules(sequence_parallel=run.sequence_parallel)
+        if run.fsdp:
+            sharding.check_fsdp(self.cfg, self.mesh)
+        self.rules = sharding.logical_rules(sequence_parallel=run.sequence_parallel, fsdp=run.fsdp)
         # fairseq's default scale window depends on the data-parallel size: resolved on this mesh.
         self.loss_scale = None if run.loss_scale is None else run.loss_scale.with_window(
             self.mesh.shape[sharding.DATA], run.update_freq)
         warning = P.warn_if_fp16_on_tpu(run.precision, jax.default_backend())
         if warning and self.is_main:
             print(warning, file=sys.stderr, flush=True)
-=======
-        if run.fsdp:
-            sharding.check_fsdp(self.cfg, self.mesh)
-        self.rules = sharding.logical_rules(sequence_parallel=run.sequence_parallel, fsdp=run.fsdp)
->>>>>>> 15d62a5 (TPU slices as --target (v4-8/16, v5e-8/16, v5p-8/16, v6e-8; libtpu via the tpu-aot extra, one-line error without it); --fsdp (weights and Adam state also over data, embedding gathered before use); compiled FLOPs/bytes per device in the report; bench_memory --targets fit table; tests)
         self.batches = train_data.TrainBatches(self.train_blocks, self.mesh, run.batch_size, run.update_freq,
                                                seed=args.seed, prefetch=args.num_workers, rules=self.rules)
         self.seed = args.seed
