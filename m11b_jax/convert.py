@@ -1,6 +1,6 @@
 """Convert fairseq Megatron-11b shards into our params checkpoint (and back), shard by shard.
 
-    python -m m11b_jax.convert SRC OUT [--dtype float32|bfloat16|float16] [--verify]
+    python -m m11b_jax.convert SRC OUT [--dtype float32|bfloat16|float16] [--verify] [--allow-nonfinite]
     python -m m11b_jax.convert --to-fairseq CKPT OUTDIR --model-parallel-size N [--dtype ...] [--legacy-format]
     python -m m11b_jax.convert --to-hf CKPT OUTDIR [--bpe-dir DIR] [--dtype ...] [--max-shard-size 5GB]
     python -m m11b_jax.convert --from-hf HFDIR OUT [--dtype ...]
@@ -13,7 +13,9 @@ DIR/model.pt (meaning DIR/model-model_part-{rank}.pt, or the one file DIR/model.
 
 Memory: one source shard at a time (memory-mapped for zip-format files) plus the tensor being written, each
 tensor dropped once written; replicated tensors (biases and LayerNorms, a few MB) are kept from rank 0 to check every other rank's copy.
-The output is written into a hidden sibling of OUT and renamed at the end: after any error OUT does not exist.
+The output is written into a hidden sibling of OUT and renamed at the end: after any error OUT does not exist,
+and SIGTERM/SIGINT remove the sibling (one left by a killed run is removed by the next run). Needs torch
+(`pip install -e '.[convert]'`). Every tensor is checked to be finite (`--allow-nonfinite` to convert anyway).
 
 `decoder.version`: fairseq's TransformerDecoder treats a missing version or one <= 2 as a pre-2019 model
 without a final LayerNorm (it drops `layer_norm`, then refuses the checkpoint's `decoder.layer_norm.*`
@@ -36,6 +38,7 @@ import numpy as np
 
 from m11b_jax.config import DTYPES, ModelConfig
 from m11b_jax.dictionary import EOS, Dictionary
+from m11b_jax import fsutil
 from m11b_jax.errors import UserError, cli_main
 from m11b_jax.fairseq_io import (checkpoint_options, dictionary_multiple, find_shards, load_shard,
                                  model_config_from_options, numpy_to_tensor, padded_size, save_shard,
@@ -44,7 +47,7 @@ from m11b_jax.fairseq_layout import (BOOKKEEPING, TIED_ALIASES, VERSION_KEY, fai
                                      rank_block, to_fairseq, to_ours)
 from m11b_jax.params_io import ParamsWriter, dictionary_path, load_model_config, load_params, numpy_dtype
 from m11b_jax.params_source import open_params_source
-from m11b_jax.textio import atomic_directory
+from m11b_jax.textio import atomic_directory, check_output_dir
 
 EMBED_KEY = "decoder.embed_tokens.weight"
 
@@ -60,11 +63,15 @@ def _short(keys: list[str], n: int = 4) -> str:
 # ---- fairseq -> ours ------------------------------------------------------------------------------
 
 
-def convert_fairseq(src, out, dtype: str = "float32", verify: bool = False, log=_log) -> ModelConfig:
-    """Convert fairseq shards at `src` into our checkpoint at `out`; returns the model config."""
+def convert_fairseq(src, out, dtype: str = "float32", verify: bool = False, allow_nonfinite: bool = False,
+                    log=_log) -> ModelConfig:
+    """Convert fairseq shards at `src` into our checkpoint at `out`; returns the model config.
+
+    Every tensor must be finite (NaN/inf weights make every score NaN): the first that is not is named in a
+    UserError, unless `allow_nonfinite`, which converts it with a warning.
+    """
     out = pathlib.Path(out)
-    if out.exists():
-        raise UserError(f"output {out} already exists: remove it or choose another path")
+    check_output_dir(out)
     numpy_dtype(dtype)
     directory, shards = find_shards(src)
     dict_path = directory / "dict.txt"
@@ -90,8 +97,10 @@ def convert_fairseq(src, out, dtype: str = "float32", verify: bool = False, log=
                 if (other, other_mp) != (cfg, mp):
                     raise UserError(f"{path.name} was saved with other options than {shards[0].name} "
                                     f"({_config_diff(cfg, mp, other, other_mp)}): the shards do not belong together")
-            _convert_shard(state["model"], path, rank, mp, cfg, shapes, writer, replicated, fingerprints, log)
+            _convert_shard(state["model"], path, rank, mp, cfg, shapes, writer, replicated, fingerprints, log,
+                           allow_nonfinite)
             state = None  # drop this shard before loading the next
+            fsutil.signal_hook_for_tests("convert-shard")
             size = path.stat().st_size
             total_bytes += size
             log(f"  rank {rank}: {path.name} ({size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
@@ -152,7 +161,8 @@ def _check_dictionary(dict_path: pathlib.Path, cfg: ModelConfig, mp: int) -> Non
             f"({cfg.vocab_size // mp} per shard x {mp}): use the dict.txt the model was trained with")
 
 
-def _convert_shard(model, path, rank, mp, cfg, shapes, writer, replicated, fingerprints, log) -> None:
+def _convert_shard(model, path, rank, mp, cfg, shapes, writer, replicated, fingerprints, log,
+                   allow_nonfinite: bool = False) -> None:
     """Check one shard's state dict and write its blocks."""
     entries = fairseq_keys(cfg.num_layers)
     expected = {key for key, _, _ in entries}
@@ -179,6 +189,13 @@ def _convert_shard(model, path, rank, mp, cfg, shapes, writer, replicated, finge
             block = tensor_to_numpy(tensor)
         except UserError as e:
             raise UserError(f"{path.name}: {key}: {e}") from None
+        bad = count_nonfinite(block)
+        if bad:
+            what = (f"{path.name}: {key} holds {bad[0]} non-finite value(s) ({bad[1]} at index {list(bad[2])})")
+            if not allow_nonfinite:
+                raise UserError(f"{what}: the file is damaged or the model diverged; convert another checkpoint, "
+                                "or pass --allow-nonfinite to convert it anyway")
+            log(f"warning: {what}; converting it anyway (--allow-nonfinite)")
         if key == EMBED_KEY:
             _check_embedding(model, block, path, rank, fingerprints)
         if entry.split_dim is None:
@@ -193,6 +210,21 @@ def _convert_shard(model, path, rank, mp, cfg, shapes, writer, replicated, finge
                 continue
         writer.write(entry.ours, rank_block(entry, shapes[entry.ours], layer, rank, mp), to_ours(entry, block))
         del tensor, block
+
+
+def count_nonfinite(block: np.ndarray, rows: int = 1 << 22) -> tuple[int, str, tuple[int, ...]] | None:
+    """(count, first value, its index) of NaN/inf elements, or None; reads `rows` elements at a time."""
+    flat = block.reshape(-1)
+    count, first = 0, None
+    for start in range(0, flat.size, rows):
+        bad = ~np.isfinite(flat[start:start + rows])
+        n = int(bad.sum())
+        if n and first is None:
+            first = start + int(np.argmax(bad))
+        count += n
+    if not count:
+        return None
+    return count, str(float(flat[first])), tuple(int(i) for i in np.unravel_index(first, block.shape))
 
 
 def _check_embedding(model, block: np.ndarray, path: pathlib.Path, rank: int, fingerprints: dict) -> None:
@@ -250,8 +282,7 @@ def export_fairseq(ckpt, outdir, model_parallel_size: int, dtype: str | None = N
     cfg.validate(mp)
     out_dtype = numpy_dtype(dtype or reader.dtype_name)
     outdir = pathlib.Path(outdir)
-    if outdir.exists():
-        raise UserError(f"output {outdir} already exists: remove it or choose another path")
+    check_output_dir(outdir)
     dict_file = source.dictionary
     if dict_file is not None:
         n = len(Dictionary.load(dict_file))
@@ -393,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-fairseq", nargs=2, metavar=("CKPT", "OUTDIR"),
                    help="write our checkpoint CKPT as fairseq shards into OUTDIR")
     p.add_argument("--model-parallel-size", type=int, help="number of shards to write with --to-fairseq")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert tensors holding NaN or inf (with a warning) instead of refusing them")
     p.add_argument("--legacy-format", action="store_true",
                    help="with --to-fairseq: PyTorch's pre-1.6 (non-zip) serialization, as the release used")
     p.add_argument("--to-hf", nargs=2, metavar=("CKPT", "OUTDIR"),
@@ -444,7 +477,8 @@ def main(argv=None) -> None:
         parser.error("give SRC and OUT (or --to-fairseq CKPT OUTDIR, --to-hf CKPT OUTDIR, --from-hf HFDIR OUT)")
     if args.model_parallel_size is not None or args.legacy_format:
         parser.error("--model-parallel-size and --legacy-format go with --to-fairseq")
-    cfg = convert_fairseq(args.src, args.out, dtype=args.dtype or "float32", verify=args.verify)
+    cfg = convert_fairseq(args.src, args.out, dtype=args.dtype or "float32", verify=args.verify,
+                          allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {args.out}: {cfg.name}, {cfg.num_params() / 1e9:.3f}B parameters")
 
 

@@ -43,7 +43,6 @@ from m11b_jax.config import load_config
 from m11b_jax.detok import original_token_count as count_words
 from m11b_jax.dictionary import Dictionary
 from m11b_jax.errors import UserError, cli_main
-from m11b_jax.fairseq_io import padded_size
 from m11b_jax.indexed_dataset import MMapIndexedDataset, split_prefix
 from m11b_jax.params_io import EVAL_DTYPES, eval_config, load_checkpoint
 from m11b_jax.runtime import backends_initialized, configure_cpu_devices, retain_host_memory_on_cpu
@@ -194,6 +193,7 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
     compile_s = time.perf_counter() - t0
 
     out = np.full(windows.num_tokens, np.nan, dtype=np.float32)
+    scored = np.zeros(windows.num_tokens, dtype=bool)
 
     def collect(ids, logprobs):
         real = ids >= 0
@@ -201,6 +201,7 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
         tidx = s[:, None] + np.arange(windows.block)[None, :]
         keep = tidx < e[:, None]
         out[tidx[keep]] = np.asarray(logprobs)[real][keep]
+        scored[tidx[keep]] = True
 
     start_time = last_log = time.perf_counter()
     pending = None
@@ -217,8 +218,21 @@ def evaluate(params, cfg, stream: np.ndarray, windows: ContextWindows, mesh, rul
             log(f"scored {done}/{windows.num_tokens} tokens ({done / (last_log - start_time):.0f} tokens/s)")
     collect(*pending)
     elapsed = time.perf_counter() - start_time
-    assert not np.isnan(out).any(), "a token was not scored"
+    if not scored.all():  # a bug of the window rule, never the user's; still no assert (python -O drops it)
+        raise RuntimeError(f"token {int(np.argmin(scored))} of {windows.num_tokens} was not scored")
+    check_finite_scores(out)
     return EvalResult(out, elapsed, compile_s)
+
+
+def check_finite_scores(logprobs: np.ndarray) -> None:
+    """A NaN log-probability (NaN weights, or an overflow in --dtype bfloat16) makes the perplexity meaningless:
+    an error naming the first such token. -inf is a legitimate score, which fairseq (and we) skip."""
+    nan = np.isnan(logprobs)
+    if nan.any():
+        first = int(np.argmax(nan))
+        raise UserError(f"the model scored {int(nan.sum())} of {logprobs.size} tokens as NaN (the first at stream "
+                        f"position {first}): its weights are not finite or overflow; check the checkpoint "
+                        "(python -m m11b_jax.convert --verify) or evaluate with --dtype float32")
 
 
 # ---- inputs: data-bin, dictionary, checkpoint ----------------------------------------------------
@@ -236,28 +250,50 @@ def load_split(data_bin: str | os.PathLike, split: str):
 
 
 def check_dictionary(dictionary, stream: np.ndarray, cfg, ckpt_dict_path, data_bin) -> None:
-    """The data must be indexed with the checkpoint's dictionary.
+    """The data must be indexed with the checkpoint's dictionary (`check_dictionary_fits`), every id < vocab."""
+    check_dictionary_fits(dictionary, cfg.vocab_size, ckpt_dict_path, f"{data_bin}/dict.txt")
+    top = int(stream.max()) if stream.size else 0
+    if top >= cfg.vocab_size:
+        raise UserError(f"{data_bin} holds token index {top} >= the vocabulary size {cfg.vocab_size}: "
+                        "re-binarize it with the checkpoint's dict.txt")
 
-    With a dict.txt stored in the checkpoint, the data-bin's must list the same symbols. Without one, its size
-    must be the vocabulary size, or pad to it the way fairseq's model-parallel models pad their dictionary
-    (to a multiple of 8 x model_parallel_size, with made-up words the data never holds).
+
+def check_dictionary_fits(dictionary, vocab: int, ckpt_dict_path, where: str) -> None:
+    """With a dict.txt stored in the checkpoint, `dictionary` must list the same symbols. Without one (a training
+    checkpoint), it must fit inside the vocabulary, as training requires: fairseq's model-parallel models pad
+    it to a multiple of 8 x model_parallel_size, and `train` accepts any dictionary up to the arch's vocab_size
+    (the other rows are never a target).
     """
-    n, vocab = len(dictionary), cfg.vocab_size
+    n = len(dictionary)
     if ckpt_dict_path is not None:
         stored = Dictionary.load(ckpt_dict_path)
         if stored.symbols != dictionary.symbols:
             raise UserError(
-                f"{data_bin}/dict.txt ({n} symbols) is not the checkpoint's dictionary {ckpt_dict_path} "
+                f"{where} ({n} symbols) is not the checkpoint's dictionary {ckpt_dict_path} "
                 f"({len(stored)} symbols, vocabulary {vocab}): binarize the text with --srcdict {ckpt_dict_path} "
                 "(python -m m11b_jax.preprocess)")
-    elif n > vocab or vocab not in {padded_size(n, m) for m in (1, 8, 16, 32, 64, 128, 256, 512)}:
+    elif n > vocab:
         raise UserError(
-            f"{data_bin}/dict.txt has {n} symbols but the checkpoint's vocabulary is {vocab}: binarize the text "
+            f"{where} has {n} symbols but the checkpoint's vocabulary is only {vocab}: binarize the text "
             "with the dict.txt the model was trained with (python -m m11b_jax.preprocess --srcdict DICT)")
-    top = int(stream.max()) if stream.size else 0
-    if top >= vocab:
-        raise UserError(f"{data_bin} holds token index {top} >= the vocabulary size {vocab}: "
-                        "re-binarize it with the checkpoint's dict.txt")
+
+
+def checkpoint_vocabulary(path) -> tuple[int, pathlib.Path | None]:
+    """(vocab_size, stored dict.txt or None) of a checkpoint, from its metadata alone (no weights read)."""
+    from m11b_jax import checkpoint as train_ckpt
+    from m11b_jax import params_io
+    from m11b_jax.fsutil import resolve
+
+    path = resolve(path)
+    if path.is_dir() and (train_ckpt.is_step_dir(path) or train_ckpt.list_steps(path)):
+        root, update = (path.parent, int(path.name)) if train_ckpt.is_step_dir(path) else (
+            path, train_ckpt.list_steps(path)[-1])
+        try:
+            return int(train_ckpt.read_meta(root, update)["model_config"]["vocab_size"]), None
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{root / str(update)}: no usable model config in its metadata: the checkpoint is "
+                            "damaged") from None
+    return params_io.load_model_config(path).vocab_size, params_io.dictionary_path(path)
 
 
 def original_token_count(args) -> int | None:

@@ -23,6 +23,7 @@ import math
 import os
 import pathlib
 import re
+import tarfile
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -75,10 +76,19 @@ _REQUIRED = (
 # ---- loading shards ------------------------------------------------------------------------------
 
 
+def import_torch():
+    """torch, or a one-line error naming the extra that installs it (the converter is its only user)."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("reading or writing fairseq .pt files needs PyTorch, which is not installed: "
+                        "pip install -e '.[convert]' (a CPU build of torch 2.13)") from None
+    return torch
+
+
 def load_shard(path: str | os.PathLike) -> dict:
     """One fairseq checkpoint file as a dict (`args`/`cfg`, `model`, ...), loaded with weights_only=True."""
-    import torch
-
+    torch = import_torch()
     path = pathlib.Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint file not found: {path}")
@@ -99,6 +109,10 @@ def _load_error(path: pathlib.Path, e: Exception) -> str:
     if m:
         return (f"refused {path}: it asks to load the Python global {m.group(1)}, which a fairseq checkpoint never "
                 "needs (only tensors and argparse.Namespace); not loading it, as unpickling could run its code")
+    if tarfile.is_tarfile(path):
+        return (f"refused {path}: it is in PyTorch's oldest (.tar) serialization, which cannot be loaded without "
+                "unpickling arbitrary objects; not loading it, as unpickling could run code. Convert it with the "
+                "PyTorch version that wrote it into the zip format (torch.save) if you trust its source")
     if "Unsupported operand" in text:
         return (f"refused {path}: its pickle uses constructs a plain weights file does not need; "
                 "not loading it, as unpickling could run code")
@@ -112,13 +126,16 @@ def _load_error(path: pathlib.Path, e: Exception) -> str:
 
 
 def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[0] if lines else ""
+    """The first line of torch's message, cut before any advice to load with weights_only=False (never safe
+    for a file of unknown origin, so never repeated here)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and "weights_only" not in ln]
+    line = lines[0] if lines else ""
+    return re.split(r"(?i)\s*(?:re-running|weights.only|in pytorch 2\.6)", line)[0].rstrip(" .:")
 
 
 def tensor_to_numpy(t) -> np.ndarray:
     """A CPU tensor as numpy in its own dtype (bf16 -> ml_dtypes.bfloat16); only float dtypes are weights."""
-    import torch
+    torch = import_torch()
 
     if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -129,7 +146,7 @@ def tensor_to_numpy(t) -> np.ndarray:
 
 def numpy_to_tensor(a: np.ndarray):
     """Inverse of tensor_to_numpy (bfloat16 arrays become torch.bfloat16)."""
-    import torch
+    torch = import_torch()
 
     a = np.ascontiguousarray(a)
     if a.dtype == ml_dtypes.bfloat16:
@@ -139,7 +156,7 @@ def numpy_to_tensor(a: np.ndarray):
 
 def save_shard(obj: dict, path: str | os.PathLike, legacy_format: bool = False) -> None:
     """torch.save (zip format, or the legacy format of PyTorch < 1.6 that the release used)."""
-    import torch
+    torch = import_torch()
 
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy_format)
 

@@ -24,16 +24,15 @@ bytes `.idx` describes. The writer writes temporary files renamed into place by 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import struct
-import tempfile
 
 import numpy as np
 
+from . import fsutil
 from .errors import UserError
-from .textio import default_file_mode
+from .textio import open_temp_file, check_output_file, default_file_mode
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -92,10 +91,10 @@ class MMapIndexedDatasetBuilder:
                 f"a dictionary of {vocab_size} symbols does not fit {self.dtype.name} (largest index {self._max}): "
                 f"store int32 instead (dtype_for_vocab({vocab_size}) = {dtype_for_vocab(vocab_size).name})"
             )
-        folder = os.path.dirname(os.path.abspath(self.prefix))
-        if not os.path.isdir(folder):
-            raise UserError(f"output folder does not exist: {folder} (create it first)")
-        fd, self._tmp_bin = tempfile.mkstemp(prefix=os.path.basename(self.prefix) + ".bin.", suffix=".tmp", dir=folder)
+        for suffix in (".bin", ".idx"):
+            check_output_file(self.prefix + suffix)
+            fsutil.remove_stale_temporaries(self.prefix + suffix)
+        fd, self._tmp_bin = open_temp_file(fsutil.resolve(self.prefix + ".bin"), default_file_mode())
         self._bin = os.fdopen(fd, "wb")
         self._sizes: list[np.ndarray] = []
         self._done = False
@@ -128,30 +127,24 @@ class MMapIndexedDatasetBuilder:
         offsets = np.zeros(sizes.size, dtype="<i8")
         np.cumsum(sizes[:-1] * self.dtype.itemsize, out=offsets[1:])
         self._bin.close()
-        folder = os.path.dirname(os.path.abspath(self.prefix))
-        fd, tmp_idx = tempfile.mkstemp(prefix=os.path.basename(self.prefix) + ".idx.", suffix=".tmp", dir=folder)
+        fd, tmp_idx = open_temp_file(fsutil.resolve(self.prefix + ".idx"), default_file_mode())
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(MAGIC + struct.pack("<Q", VERSION) + struct.pack("<B", _WRITE_CODES[self.dtype]))
                 f.write(struct.pack("<Q", sizes.size))
                 f.write(sizes.astype("<i4").tobytes())
                 f.write(offsets.tobytes())
-            mode = default_file_mode()
-            os.chmod(self._tmp_bin, mode)
-            os.chmod(tmp_idx, mode)
             os.replace(self._tmp_bin, self.prefix + ".bin")
             os.replace(tmp_idx, self.prefix + ".idx")
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_idx)
-            raise
+        finally:
+            fsutil.remove_path(tmp_idx)
+        fsutil.unregister(self._tmp_bin)
         self._done = True
 
     def abort(self) -> None:
         """Drop everything written so far."""
         self._bin.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp_bin)
+        fsutil.remove_path(self._tmp_bin)
         self._done = True
 
     def __enter__(self) -> "MMapIndexedDatasetBuilder":

@@ -342,7 +342,9 @@ def load_checkpoint(path: str | os.PathLike, mesh, rules, dtype: str):
     `python -m m11b_jax.train` (a `--save-dir`: its latest update, or one update's directory `SAVE_DIR/<update>`),
     of which only the parameters are read.
     """
-    path = pathlib.Path(path)
+    from m11b_jax.fsutil import resolve
+
+    path = resolve(path)  # orbax and tensorstore need absolute paths
     if not path.exists():
         raise UserError(f"checkpoint not found: {path} (give the directory written by python -m m11b_jax.convert)")
     if path.is_file():

@@ -8,7 +8,7 @@ Like `fairseq-preprocess --only-source --dataset-impl mmap`: each line of the in
 sequence (its whitespace-separated words looked up in the dictionary, unknown -> <unk>, plus
 </s>), written as DESTDIR/{train,valid,test}.{bin,idx} (a comma-separated --validpref gives
 valid, valid1, ...), and the dictionary is saved as DESTDIR/dict.txt. The files match fairseq's
-byte for byte; each appears only when complete.
+byte for byte; they appear together, and only when every split is complete.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import os
 from typing import Sequence
 
 from .dictionary import SPECIALS, UNK, Dictionary
+from . import fsutil
 from .errors import UserError, cli_main
 from .indexed_dataset import MMapIndexedDatasetBuilder, dtype_for_vocab
 from .textio import iter_lines, line_aligned_offsets, worker_pool
 
 _CHUNK_BYTES = 16 << 20  # bounds memory: each chunk's ids are held once before being written
 _worker_dict: Dictionary | None = None
+_STAGING = "preprocess"  # DESTDIR/.preprocess.tmp-HOST-PID-XXXX holds the files until all are done
 
 
 def _init_worker(dict_path: str) -> None:
@@ -107,18 +109,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not splits:
         raise UserError("nothing to binarize: pass --trainpref, --validpref and/or --testpref")
     dictionary = Dictionary.load(args.srcdict)
-    os.makedirs(args.destdir, exist_ok=True)
+    dest = fsutil.resolve(args.destdir)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --destdir: {fsutil.os_error_message(e)}") from None
     print(f"dictionary: {len(dictionary)} types ({args.srcdict})")
-    for split, path in splits:
-        stats = binarize_file(path, dictionary, os.path.join(args.destdir, split), args.workers, args.srcdict)
-        pct = 100.0 * stats["replaced"] / max(stats["tokens"], 1)
-        print(
-            f"{split}: {path}: {stats['sequences']} sents, {stats['tokens']} tokens, "
-            f"{pct:.3}% replaced by {SPECIALS[UNK]}"
-        )
-    dictionary.save(os.path.join(args.destdir, "dict.txt"))
+    # All or nothing: every split and dict.txt is built in a hidden folder inside DESTDIR, moved in at the end.
+    fsutil.remove_stale_temporaries(dest / _STAGING)
+    staging = fsutil.temp_path(dest / _STAGING)
+    try:
+        staging.mkdir()
+        for split, path in splits:
+            stats = binarize_file(path, dictionary, str(staging / split), args.workers, args.srcdict)
+            pct = 100.0 * stats["replaced"] / max(stats["tokens"], 1)
+            print(
+                f"{split}: {path}: {stats['sequences']} sents, {stats['tokens']} tokens, "
+                f"{pct:.3}% replaced by {SPECIALS[UNK]}"
+            )
+            fsutil.signal_hook_for_tests("preprocess-split")
+        dictionary.save(staging / "dict.txt")
+        names = [f"{split}.{ext}" for split, _ in splits for ext in ("bin", "idx")] + ["dict.txt"]
+        for name in names:
+            if (dest / name).is_dir():
+                raise UserError(f"{dest / name} is a directory: remove it or choose another --destdir")
+        for name in names:
+            os.replace(staging / name, dest / name)
+    finally:
+        fsutil.remove_path(staging)
     print(f"wrote {', '.join(s for s, _ in splits)} and dict.txt to {args.destdir}")
-
 
 if __name__ == "__main__":
     main()

@@ -6,11 +6,10 @@ import contextlib
 import multiprocessing
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 from typing import IO, Iterator
 
+from . import fsutil
 from .errors import UserError
 
 
@@ -84,12 +83,47 @@ def _count_newlines(path: str | os.PathLike, end: int) -> int:
     return count
 
 
+def check_output_file(path: str | os.PathLike) -> pathlib.Path:
+    """Fail at once (not after the work) when `path` cannot become a file: its folder is missing or is a file,
+    or `path` is a directory."""
+    final = fsutil.resolve(path)
+    folder = final.parent
+    if os.path.isdir(final):
+        raise UserError(f"output {path} is a directory: give a file name")
+    if not folder.is_dir():
+        if folder.exists() or any(p.is_file() for p in folder.parents):
+            raise UserError(f"output {path}: a component of its folder {folder} is a file, not a folder: fix the path")
+        raise UserError(f"output folder does not exist: {folder} (create it first)")
+    return final
+
+
+def check_output_dir(path: str | os.PathLike) -> pathlib.Path:
+    """Fail at once when `path` cannot become a new directory: it exists, or a component above it is a file."""
+    final = fsutil.resolve(path)
+    if final.exists():
+        raise UserError(f"output {path} already exists: remove it or choose another path")
+    blocker = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"output {path}: {blocker} is a file, not a folder: fix the path")
+    return final
+
+
+def open_temp_file(final: pathlib.Path, mode: int) -> tuple[int, pathlib.Path]:
+    tmp = fsutil.temp_path(final)
+    try:
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), tmp
+    except OSError as e:
+        fsutil.unregister(tmp)
+        raise UserError(f"cannot write {final}: {fsutil.os_error_message(e)}") from None
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open `path` for writing through a temporary file in the same folder, renamed on success.
+    """Open `path` for writing through a hidden temporary file in the same folder, renamed on success.
 
-    On an exception the temporary file is removed and `path` is left as it was. '-' writes to
-    stdout directly (text mode only).
+    On an exception (a signal included, see fsutil) the temporary file is removed and `path` is left as it
+    was; temporaries of `path` left by a dead run are removed first. '-' writes to stdout directly (text mode
+    only).
     """
     if str(path) == "-":
         if "b" in mode:
@@ -97,42 +131,48 @@ def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         yield sys.stdout
         sys.stdout.flush()
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"output folder does not exist: {folder} (create it first)")
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    final = check_output_file(path)
+    fsutil.remove_stale_temporaries(final)
+    fd, tmp = open_temp_file(final, default_file_mode())
     try:
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the file the usual permissions
         text = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
         with os.fdopen(fd, mode, **text) as f:
             yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        os.replace(tmp, final)
+    finally:
+        fsutil.remove_path(tmp)
 
 
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike, exist_ok: bool = False) -> Iterator[pathlib.Path]:
-    """Build a directory through a temporary sibling, renamed to `final` when the block succeeds.
+    """Build a directory through a hidden temporary sibling, renamed to `final` when the block succeeds.
 
-    On an exception the temporary directory is removed and `final` never exists half-made. If `final`
-    appears meanwhile (another writer), that is an error, or with `exist_ok` theirs is kept and ours dropped.
+    On an exception (a signal included) the temporary directory is removed and `final` never exists
+    half-made; temporaries of `final` left by a dead run are removed first. If `final` appears meanwhile
+    (another writer), that is an error, or with `exist_ok` theirs is kept and ours dropped.
     """
-    final = pathlib.Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    final = fsutil.resolve(final)
+    if not exist_ok:
+        check_output_dir(final)
     try:
-        os.chmod(tmp, default_file_mode(directory=True))  # mkdtemp makes 0700
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder of {final}: {fsutil.os_error_message(e)}") from None
+    fsutil.remove_stale_temporaries(final)
+    tmp = fsutil.temp_path(final)
+    try:
+        os.mkdir(tmp, default_file_mode(directory=True))
+    except OSError as e:
+        fsutil.unregister(tmp)
+        raise UserError(f"cannot write {final}: {fsutil.os_error_message(e)}") from None
+    try:
         yield tmp
         if final.exists() and not exist_ok:
             raise UserError(f"output {final} appeared while writing: not overwriting it")
         if not final.exists():
             os.rename(tmp, final)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        fsutil.remove_path(tmp)
 
 
 def default_file_mode(directory: bool = False) -> int:

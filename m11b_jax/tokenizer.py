@@ -26,6 +26,7 @@ Decoding joins the tokens' bytes and decodes UTF-8 with errors="replace", as GPT
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import os
 import re
@@ -119,6 +120,8 @@ class GPT2BPE:
         self.encoder = dict(encoder)
         self.merge_ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._byte_map = byte_map
+        self._byte_ids = [self.encoder[byte_map[b]] for b in range(256)]
+        self._pairs: _PairTable | None = None  # built on the first long piece
         self._id_to_bytes = self._build_id_to_bytes(byte_map)
         self._pattern = regex.compile(GPT2_PATTERN)
         self._cache: dict[str, tuple[int, ...]] = {}
@@ -172,22 +175,11 @@ class GPT2BPE:
             raise UserError(
                 f"text holds a lone surrogate in {piece!r}: it cannot be UTF-8 encoded; fix the input text"
             ) from None
-        symbols = [self._byte_map[b] for b in data]
-        ranks = self.merge_ranks
-        while len(symbols) > 1:
-            pairs = set(zip(symbols, symbols[1:]))
-            best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
-            if best not in ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(best[0] + best[1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+        if len(data) > _SHORT_PIECE:
+            if self._pairs is None:
+                self._pairs = _PairTable(self.encoder, self.merge_ranks)
+            return tuple(_merge_long([self._byte_ids[b] for b in data], self._pairs))
+        symbols = _merge_short([self._byte_map[b] for b in data], self.merge_ranks)
         return tuple(self.encoder[s] for s in symbols)
 
     # ---- decoding ---------------------------------------------------------------------------
@@ -247,6 +239,94 @@ class GPT2BPE:
             return False
         self._safe_chars |= new
         return True
+
+
+# ---- the merge loop -------------------------------------------------------------------------------
+
+_SHORT_PIECE = 48  # symbols; longer pieces take the O(n log n) loop
+
+
+def _merge_short(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """GPT-2's loop as published: join every occurrence (left to right) of the lowest-rank pair, repeat.
+
+    O(n^2) in the piece's length: only for short pieces (words), where it is fastest.
+    """
+    while len(symbols) > 1:
+        pairs = set(zip(symbols, symbols[1:]))
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(best[0] + best[1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+class _PairTable:
+    """vocab.bpe's merges over token ids: (left id << shift | right id) -> (rank, merged id)."""
+
+    def __init__(self, encoder: dict[str, int], ranks: dict[tuple[str, str], int]):
+        self.shift = max(encoder.values()).bit_length()
+        self.table = {(encoder[a] << self.shift) | encoder[b]: (rank, encoder[a + b]) for (a, b), rank in ranks.items()}
+
+
+def _merge_long(ids: list[int], pairs: _PairTable) -> list[int]:
+    """`_merge_short`'s result, over token ids, in O(n log n): a heap of (rank, position) over a linked list.
+
+    Each round pops every heap entry of the lowest rank, in position order, and joins the pairs that are still
+    there (an entry is stale once a neighbour merged); the pairs the joins create are pushed after the round,
+    so one round equals one pass of `_merge_short` (which joins all occurrences of one pair before looking
+    for the next) whatever the ranks of the new pairs.
+    """
+    table, shift = pairs.table, pairs.shift
+    n = len(ids)
+    sym = list(ids)
+    nxt = list(range(1, n + 1))
+    prv = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        hit = table.get((sym[i] << shift) | sym[i + 1])
+        if hit is not None:
+            heap.append((hit[0] << 32) | i)  # (rank, position) as one int: compares faster than a tuple
+    heapq.heapify(heap)
+    pop, push = heapq.heappop, heapq.heappush
+    while heap:
+        rank = heap[0] >> 32
+        fresh = []
+        while heap and heap[0] >> 32 == rank:
+            i = pop(heap) & 0xFFFFFFFF
+            j = nxt[i]
+            if sym[i] < 0 or j >= n:
+                continue
+            hit = table.get((sym[i] << shift) | sym[j])
+            if hit is None or hit[0] != rank:
+                continue  # stale: a neighbour was merged since this entry was pushed
+            sym[i] = hit[1]
+            sym[j] = -1
+            k = nxt[j]
+            nxt[i] = k
+            if k < n:
+                prv[k] = i
+            fresh.append(i)
+        for i in fresh:
+            if sym[i] < 0:
+                continue
+            p, k = prv[i], nxt[i]
+            if p >= 0:
+                hit = table.get((sym[p] << shift) | sym[i])
+                if hit is not None:
+                    push(heap, (hit[0] << 32) | p)
+            if k < n:
+                hit = table.get((sym[i] << shift) | sym[k])
+                if hit is not None:
+                    push(heap, (hit[0] << 32) | i)
+    return [x for x in sym if x >= 0]
 
 
 @functools.cache

@@ -18,6 +18,7 @@ import argparse
 import ast
 import dataclasses
 import importlib.util
+import math
 import os
 import sys
 import textwrap
@@ -310,6 +311,13 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         raise UserError(f"--batch-size {args.batch_size} must be >= 1")
     if args.batch_size_valid is not None and args.batch_size_valid < 1:
         raise UserError(f"--batch-size-valid {args.batch_size_valid} must be >= 1")
+    for flag in ("lr", "clip_norm", "weight_decay", "adam_eps", "warmup_init_lr", "dropout", "attention_dropout",
+                 "device_memory_gb"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{flag.replace('_', '-')} {value} is not a finite number: give a real value")
+    if not all(math.isfinite(b) for b in args.adam_betas):
+        raise UserError(f"--adam-betas {args.adam_betas} must be finite numbers")
     if args.lr < 0 or args.clip_norm < 0 or args.weight_decay < 0 or args.adam_eps <= 0:
         raise UserError("--lr, --clip-norm and --weight-decay must be >= 0 and --adam-eps > 0")
     if not all(0.0 <= b < 1.0 for b in args.adam_betas):

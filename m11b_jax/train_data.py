@@ -46,9 +46,27 @@ def load_dictionary(data_path: str | os.PathLike, vocab_size: int) -> Dictionary
     return d
 
 
-def load_split(data_path: str | os.PathLike, split: str, tokens_per_sample: int, flag: str) -> TokenBlocks:
+def load_split(data_path: str | os.PathLike, split: str, tokens_per_sample: int, flag: str,
+               dictionary_size: int | None = None) -> TokenBlocks:
+    """The split's blocks; with `dictionary_size`, every token id is checked to be a dictionary index (an id
+    beyond the model's vocabulary would make the loss NaN; one beyond dict.txt means another dictionary)."""
     prefix = split_prefix(data_path, split, f"binarize it or pass another {flag}")
-    return TokenBlocks.from_dataset(MMapIndexedDataset(prefix), tokens_per_sample)
+    dataset = MMapIndexedDataset(prefix)
+    if dictionary_size is not None:
+        check_token_ids(dataset.tokens(), dictionary_size, f"{prefix}.bin")
+    return TokenBlocks.from_dataset(dataset, tokens_per_sample)
+
+
+def check_token_ids(tokens: np.ndarray, dictionary_size: int, where: str, chunk: int = 1 << 24) -> None:
+    """UserError naming the first token id >= dictionary_size (or < 0); reads the stream in chunks."""
+    for start in range(0, tokens.size, chunk):
+        part = np.asarray(tokens[start:start + chunk])
+        bad = (part >= dictionary_size) | (part < 0) if part.dtype.kind == "i" else part >= dictionary_size
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise UserError(f"{where} holds token id {int(part[i])} at position {start + i}, but dict.txt has "
+                            f"{dictionary_size} symbols (ids 0..{dictionary_size - 1}): the split was binarized "
+                            "with another dictionary; re-binarize it with this data-bin's dict.txt")
 
 
 def host_data_share(mesh: Mesh) -> tuple[int, int]:

@@ -192,7 +192,7 @@ class MetricsLogger:
             if postfix:
                 self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
 
-    def log(self, record: dict, *, prefix: str, tb_keys: tuple[str, ...] = ()) -> None:
+    def log(self, record: dict, *, prefix: str, tb_keys: tuple = ()) -> None:
         """One log line: `record` (with an `update` key) to every sink; `prefix` names it on the console."""
         if not self.enabled:
             return
@@ -201,10 +201,11 @@ class MetricsLogger:
         self.print(f"| {prefix} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "update")
                    + f" | update {record['update']}")
         if self._tb is not None:
-            for k in tb_keys:
-                v = record.get(k)
+            for k in tb_keys:  # a record key (tag PREFIX/key) or a (record key, tag) pair
+                key, tag = (k, f"{prefix}/{k}") if isinstance(k, str) else k
+                v = record.get(key)
                 if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, record["update"])
+                    self._tb.add_scalar(tag, v, record["update"])
             self._tb.flush()
 
     def close(self) -> None:

@@ -98,11 +98,12 @@ class Trainer:
         else:
             self.data_path = run.data
         self.dictionary = train_data.load_dictionary(self.data_path, self.cfg.vocab_size)
+        n_symbols = len(self.dictionary)
         self.train_blocks = train_data.load_split(self.data_path, args.train_subset, run.tokens_per_sample,
-                                                  "--train-subset")
+                                                  "--train-subset", n_symbols)
         self.valid_sets = [] if args.disable_validation else [
             (name, train_data.load_split(self.data_path, name, run.tokens_per_sample,
-                                         "--valid-subset (or --disable-validation)"))
+                                         "--valid-subset (or --disable-validation)", n_symbols))
             for name in args.valid_subset.split(",") if name]
         self.save_dir = ckpt.check_writable(args.save_dir).absolute()
 
@@ -222,7 +223,8 @@ class Trainer:
             rec = {"update": update, "subset": name, "valid_loss": loss, "valid_ppl": base2_ppl(loss),
                    "valid_ntokens": int(ntok), "valid_s": round(time.perf_counter() - t0, 3)}
             self.summary.valid.append(rec)
-            self.logger.log(rec, prefix=f"valid on '{name}'", tb_keys=("valid_loss", "valid_ppl"))
+            self.logger.log(rec, prefix=f"valid on '{name}'",
+                            tb_keys=(("valid_loss", f"{name}/loss"), ("valid_ppl", f"{name}/ppl")))
 
     def _drain(self, keep_last: bool) -> None:
         """Read and check the metrics of dispatched updates (all, or all but the newest); log on boundaries."""

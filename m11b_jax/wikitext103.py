@@ -235,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not pathlib.Path(args.path).exists():
         raise UserError(f"checkpoint not found: {args.path} (give the directory written by python -m m11b_jax.convert)")
     dict_path = choose_dictionary(args.dict, args.path, bpe_dir)
+    from m11b_jax.dictionary import Dictionary
+
+    vocab, stored = eval_lm.checkpoint_vocabulary(args.path)  # before the minutes of BPE, not after
+    eval_lm.check_dictionary_fits(Dictionary.load(dict_path), vocab, stored, f"--dict {dict_path}")
     orig = args.orig_token_count if args.orig_token_count is not None else original_token_count(data_dir / TOKENS)
     log = None if args.json else _stderr
     with contextlib.ExitStack() as stack:

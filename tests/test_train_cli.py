@@ -93,7 +93,9 @@ def test_offline_default_trains_and_reports_where_everything_went(tmp_path, caps
         assert {"update", "loss", "ppl", "lr", "gnorm", "wpb", "wps", "mfu", "elapsed_s"} <= set(r)
         assert r["mfu"] is None and r["wps"] > 0 and r["ppl"] == pytest.approx(2 ** r["loss"])
     assert {"valid_loss", "valid_ppl"} <= set(records[-1])
-    assert list(tb.glob("events.out.tfevents.*"))
+    from train_fixtures import tensorboard_tags
+
+    assert {"train/loss", "train/ppl", "valid/loss", "valid/ppl"} <= tensorboard_tags(tb)  # issue 14, item 14
     out = capsys.readouterr().out
     assert "validation ppl: first" in out and f"checkpoints: {save}" in out and "train_log.jsonl" in out
 

@@ -114,3 +114,21 @@ def straight_losses(data: pathlib.Path, **kw) -> dict[int, float]:
         summary = run(base_args(data, save, "--no-save", **kw))
         _STRAIGHT[key] = {int(u): v for u, v in summary.losses.items()}
     return _STRAIGHT[key]
+
+
+def tensorboard_tags(logdir: pathlib.Path) -> set[str]:
+    """Scalar tags of tensorboardX event files (TFRecord framing: length, crc, event, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in logdir.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            tags |= {v.tag for v in event.summary.value}
+            pos += 12 + length + 4
+    return tags
