@@ -19,8 +19,8 @@ import math
 import os
 from typing import Sequence
 
-from .dictionary import SPECIALS, UNK, Dictionary
 from . import fsutil
+from .dictionary import SPECIALS, UNK, Dictionary
 from .errors import UserError, cli_main
 from .indexed_dataset import MMapIndexedDatasetBuilder, dtype_for_vocab
 from .textio import iter_lines, line_aligned_offsets, worker_pool
@@ -138,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         fsutil.remove_path(staging)
     print(f"wrote {', '.join(s for s, _ in splits)} and dict.txt to {args.destdir}")
+
 
 if __name__ == "__main__":
     main()
