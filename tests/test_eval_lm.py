@@ -195,12 +195,12 @@ def test_error_dictionary_does_not_match_checkpoint(tiny, tmp_path, capsys):
 
 
 def test_error_dictionary_size_without_stored_dictionary(tiny, tmp_path, capsys):
-    """A checkpoint saved without dict.txt: only the size can be checked (fairseq's padding allowed)."""
+    """A checkpoint saved without dict.txt: only the size can be checked (any dictionary inside the vocabulary)."""
     ckpt = tmp_path / "ckpt"
     save_params(tiny["params"], ckpt, CFG)
     larger = write_data_bin(tmp_path / "larger", make_stream(50, seed=2), dict_symbols=CFG.vocab_size + 8)
     err = _error(capsys, [str(larger), "--path", str(ckpt), "--tokens-per-sample", "64", "--context-window", "48"])
-    assert "has 72 symbols but the checkpoint's vocabulary is 64" in err
+    assert "has 72 symbols but the checkpoint's vocabulary is only 64" in err
     padded = write_data_bin(tmp_path / "padded", make_stream(50, seed=2), dict_symbols=CFG.vocab_size - 3)
     eval_lm.main([str(padded), "--path", str(ckpt), "--tokens-per-sample", "64", "--context-window", "48", "--json"])
     assert json.loads(capsys.readouterr().out)["ntokens"] == 50

@@ -36,7 +36,8 @@ from m11b_jax.errors import UserError
 from m11b_jax.fairseq_io import load_shard
 from m11b_jax.indexed_dataset import dtype_for_vocab, write_dataset
 from m11b_jax.params_io import save_params
-from m11b_jax.sharding import init_params, logical_rules, make_mesh
+from m11b_jax.param_tree import init_params
+from m11b_jax.sharding import logical_rules, make_mesh
 from m11b_jax.tokenizer import GPT2BPE, _merge_short
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
