@@ -134,6 +134,17 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+def _default_signals_in_child() -> None:
+    """A forked worker (multiprocessing's fork pool) gets the default SIGTERM/SIGHUP back: a Python-level handler
+    only runs between bytecodes, so a worker blocked in C would never die when its pool terminates it."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is _raise_interrupted:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_signals_in_child)
+
+
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise Interrupted (main thread only; others: no change)."""
