@@ -21,6 +21,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("autodiff", "manual", "flash", "cudnn")
 LOSS_IMPLS = ("logits", "fused")
 WEIGHT_GRAD_IMPLS = ("flat", "transposed")
+LR_SCHEDULERS = ("inverse_sqrt", "fixed")  # m11b_jax.optim's schedules
+# fairseq's initialization rules (m11b_jax/init_rules.py says what each draws).
+INIT_RULES = ("megatron", "megatron_mp1", "fairseq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,10 @@ class ModelConfig:
     # transposed copy of the narrower operand; for CPU runs without the save_dots remat policies). See
     # ops.matmul_flat_weight_grad. The same gradients either way.
     weight_grad_impl: str = "flat"
+    # Initialization, one of INIT_RULES: "megatron" (fairseq's model-parallel layers as the release drew them,
+    # model-parallel size > 1), "megatron_mp1" (the same at model-parallel size 1) or "fairseq" (fairseq's
+    # single-device transformer_lm). See m11b_jax/init_rules.py.
+    init: str = "megatron"
 
     @property
     def head_dim(self) -> int:
@@ -103,6 +110,8 @@ class ModelConfig:
             raise UserError(f"unknown remat policy {self.remat_policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise UserError(f"unknown attention_impl {self.attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+        if self.init not in INIT_RULES:
+            raise UserError(f"unknown init {self.init!r}: choose one of {', '.join(INIT_RULES)}")
         if self.loss_impl not in LOSS_IMPLS:
             raise UserError(f"unknown loss_impl {self.loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
         if self.weight_grad_impl not in WEIGHT_GRAD_IMPLS:

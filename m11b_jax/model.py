@@ -23,6 +23,7 @@ from m11b_jax.axis_names import (ACTIVATION_EMBED, BATCH, EMBED, HEAD_DIM, HEADS
                                  TP_LENGTH, VOCAB)
 from m11b_jax.config import ModelConfig, jax_dtype
 from m11b_jax.flash_attention import SAVE_ATTENTION_POLICY, dropout_seed, fused_attention
+from m11b_jax.init_rules import embedding_init, projection_inits
 from m11b_jax.ops import dropout_16bit, keep_mask_16bit, projection_dot_general
 
 # What the backward pass of each remat policy (config REMAT_POLICIES, "none" aside) may keep from the forward.
@@ -55,13 +56,14 @@ def gelu_erf(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
-def _dense(features, axes, cfg: ModelConfig, name: str, init=nn.initializers.xavier_uniform(), dot_general=None):
+def _dense(features, axes, cfg: ModelConfig, name: str, inits, dot_general=None):
+    """nn.Dense with (kernel_init, bias_init) `inits` (m11b_jax.init_rules: fairseq's rule `cfg.init`)."""
     return nn.Dense(
         features,
         dtype=jax_dtype(cfg.compute_dtype),
         param_dtype=jax_dtype(cfg.param_dtype),
-        kernel_init=nn.with_logical_partitioning(init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+        kernel_init=nn.with_logical_partitioning(inits[0], axes),
+        bias_init=nn.with_logical_partitioning(inits[1], axes[1:]),
         dot_general=dot_general,
         name=name,
     )
@@ -69,7 +71,8 @@ def _dense(features, axes, cfg: ModelConfig, name: str, init=nn.initializers.xav
 
 def _projection(x: jax.Array, features: int, axes, cfg: ModelConfig, name: str, column_parallel: bool) -> jax.Array:
     """`_dense` for one of a layer's projections, through the `dot_general` config `weight_grad_impl` picks."""
-    return _dense(features, axes, cfg, name, dot_general=projection_dot_general(cfg, column_parallel))(x)
+    inits = projection_inits(cfg.init, name, x.shape[-1], features)
+    return _dense(features, axes, cfg, name, inits, dot_general=projection_dot_general(cfg, column_parallel))(x)
 
 
 def _layer_norm(cfg: ModelConfig, name: str):
@@ -170,7 +173,7 @@ class TransformerLM(nn.Module):
         cfg = self.cfg
         self.embed_tokens = self.param(
             "embed_tokens",
-            nn.with_logical_partitioning(self._embed_init, (VOCAB, EMBED)),
+            nn.with_logical_partitioning(embedding_init(cfg.pad_idx), (VOCAB, EMBED)),
             (cfg.vocab_size, cfg.d_model),
             jax_dtype(cfg.param_dtype),
         )
@@ -191,11 +194,6 @@ class TransformerLM(nn.Module):
         )(cfg, name="layers")
         self.layer_norm = _layer_norm(cfg, "layer_norm")
         self.dropout = nn.Dropout(cfg.dropout)
-
-    def _embed_init(self, key, shape, dtype):
-        # fairseq: N(0, d^-0.5) with the padding row zeroed.
-        w = jax.random.normal(key, shape, dtype) * (shape[1] ** -0.5)
-        return w.at[self.cfg.pad_idx].set(0)
 
     def _embedding(self) -> jax.Array:
         # The table as the lookup and the output projection use it: whole along d_model (gathered first when the

@@ -40,6 +40,23 @@ def inverse_sqrt_schedule(lr: float, warmup_updates: int, warmup_init_lr: float 
     return schedule
 
 
+def fixed_schedule(lr: float, warmup_updates: int = 0):
+    """fairseq's `fixed` scheduler (one --lr, no --force-anneal): the update taken after n completed updates uses
+
+        lr * (n + 1) / W    for n < W (warmup; fairseq sets the first update's lr to lr / W)
+        lr                  otherwise (and always when W = 0)
+    """
+    w = max(int(warmup_updates), 0)
+
+    def schedule(count):
+        n = jnp.asarray(count, jnp.float32)
+        if w == 0:
+            return jnp.full_like(n, lr)
+        return jnp.where(n < w, lr * (n + 1) / w, lr)
+
+    return schedule
+
+
 class FairseqAdamState(NamedTuple):
     count: jax.Array  # completed updates
     mu: optax.Updates

@@ -24,17 +24,23 @@ import sys
 import textwrap
 from typing import Sequence
 
-from m11b_jax.config import ATTENTION_IMPLS, LOSS_IMPLS, REMAT_POLICIES, WEIGHT_GRAD_IMPLS
+from m11b_jax.config import ATTENTION_IMPLS, LOSS_IMPLS, LR_SCHEDULERS, REMAT_POLICIES, WEIGHT_GRAD_IMPLS
 from m11b_jax.targets import GPU_COMPILER_SETTINGS
 from m11b_jax.errors import UserError, cli_main
+from m11b_jax.fairseq_archs import FAIRSEQ_ARCHS
 
 MEGATRON_ARCH = "transformer_lm_megatron_11b"
-DEFAULT_CPU_DEVICES = 8
+# Simulated CPU devices when no accelerator is present: one (what a CPU user expects: --batch-size blocks per update)
+# unless --distributed-world-size asks for more. --compile-only measures the 8-device step by default, and the
+# offline default run keeps its (data 4 x model 2) mesh through OFFLINE_DEFAULTS.
+DEFAULT_CPU_DEVICES = 1
+COMPILE_ONLY_DEVICES = 8
 
 # `python -m m11b_jax.train` with no DATA_PATH: the tiny model on the offline corpus, ~2 minutes on 2 CPU cores.
 # Only flags the user did not give take these values.
 OFFLINE_DEFAULTS = dict(
     arch="tiny",
+    distributed_world_size=8,
     model_parallel_size=2,
     batch_size=4,
     batch_size_valid=16,
@@ -112,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fairseq data-bin (dict.txt + SPLIT.bin/.idx). Omitted: the offline corpus and the tiny model")
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", help=f"config name in configs/ ({MEGATRON_ARCH}, tiny, megatron_1p3b) or a config JSON path")
+    g.add_argument("--arch", help=f"config name in configs/ ({MEGATRON_ARCH}, tiny, megatron_1p3b), a config JSON path, "
+                                  f"or a fairseq arch ({', '.join(FAIRSEQ_ARCHS)}; see m11b_jax/fairseq_archs.py)")
+    for flag, what in (("--decoder-embed-dim", "d_model"), ("--decoder-ffn-embed-dim", "FFN width"),
+                       ("--decoder-layers", "layers"), ("--decoder-attention-heads", "attention heads")):
+        g.add_argument(flag, type=int, help=f"{what}, overriding the arch's (fairseq's flag)")
+    g.add_argument("--activation-fn", choices=("gelu", "relu"),
+                   help="gelu (every arch but transformer_lm uses it); relu is refused: the model computes GELU")
     g.add_argument("--dropout", type=float, help="dropout (default: the arch's, 0.1 for the release)")
     g.add_argument("--attention-dropout", type=float, help="attention dropout (default: the arch's)")
     g.add_argument("--share-decoder-input-output-embed", action="store_true",
@@ -138,8 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens-per-sample", type=int, help="tokens per block (default: 1024, or the arch's max positions if fewer)")
     g.add_argument("--batch-size", "--max-sentences", dest="batch_size", type=int,
                    help="blocks per data-parallel replica per micro-batch; global batch = this x (devices / model-parallel size)")
+    g.add_argument("--max-tokens", type=int,
+                   help="token budget per batch per data-parallel replica: blocks = fairseq's batch_by_size with "
+                        "full blocks (floor(max_tokens / tokens_per_sample), rounded down to a multiple of "
+                        "--required-batch-size-multiple when >= it)")
+    g.add_argument("--required-batch-size-multiple", type=int, default=8,
+                   help="fairseq's rounding of full batches of >= this many blocks (default %(default)s)")
     g.add_argument("--batch-size-valid", "--max-sentences-valid", dest="batch_size_valid", type=int,
-                   help="validation blocks per replica (default: --batch-size)")
+                   help="validation blocks per replica (default: the training batch)")
     g.add_argument("--update-freq", type=_str_list(int, "--update-freq"), default=1,
                    help="accumulate gradients of N micro-batches per update (inside the jitted step)")
     g.add_argument("--train-subset", default="train")
@@ -164,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoupled weight decay on every parameter (fairseq Adam)")
     g.add_argument("--clip-norm", type=float, default=0.0, help="clip the global gradient norm (0: off)")
     g.add_argument("--lr", type=_str_list(float, "--lr"), default=0.25, help="peak learning rate")
-    g.add_argument("--lr-scheduler", default="inverse_sqrt", choices=("inverse_sqrt",),
-                   help="inverse_sqrt (fairseq's default 'fixed' is not implemented)")
-    g.add_argument("--warmup-updates", type=int, default=4000)
+    g.add_argument("--lr-scheduler", default="inverse_sqrt", choices=LR_SCHEDULERS,
+                   help="inverse_sqrt (default here) or fixed (fairseq's default: --lr throughout, after an optional "
+                        "linear warmup; no per-epoch annealing)")
+    g.add_argument("--warmup-updates", type=int,
+                   help="linear warmup updates (default: 4000 with inverse_sqrt, 0 with fixed, as in fairseq)")
     g.add_argument("--warmup-init-lr", type=float, default=-1.0, help="lr of the first update (default 0 with warmup)")
     g.add_argument("--criterion", default="cross_entropy", choices=("cross_entropy", "vocab_parallel_cross_entropy"),
                    help="both compute the same loss; the vocab-parallel one never gathers the logits")
@@ -222,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validate-interval-updates", type=int, default=0, help="validate every N updates (and at the end)")
     g.add_argument("--tensorboard-logdir", help="write TensorBoard scalars here (tensorboardX)")
     g.add_argument("--no-progress-bar", action="store_true")
+    g.add_argument("--log-format", choices=("json", "simple", "tqdm", "none"),
+                   help="console log lines: json (one JSON object per line), simple ('| train | ...' lines), tqdm "
+                        "(those lines under a progress bar; the default) or none (no periodic lines)")
 
     g = p.add_argument_group("ahead-of-time check")
     g.add_argument("--compile-only", action="store_true",
@@ -256,6 +279,7 @@ class RunConfig:
     validate_at_start: bool = False
     precision: str = "fp32"  # a precision.POLICIES name
     loss_scale: "object" = None  # precision.LossScaleConfig for the fp16 policies (scale_window None: default)
+    batch_from: str = ""  # how batch_size was derived, for the start-up summary
 
 
 def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
@@ -295,6 +319,13 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     if args.arch == MEGATRON_ARCH and not args.share_decoder_input_output_embed and not args.compile_only:
         raise UserError(f"{MEGATRON_ARCH} ties its input and output embeddings (the release was trained with them "
                         "shared): add --share-decoder-input-output-embed")
+    if args.arch in FAIRSEQ_ARCHS and not args.share_decoder_input_output_embed and not args.compile_only:
+        raise UserError(f"--arch {args.arch} without --share-decoder-input-output-embed has a separate output "
+                        "embedding in fairseq; this model always ties them: add --share-decoder-input-output-embed")
+    if args.activation_fn == "relu":
+        raise UserError("--activation-fn relu is not implemented (the model computes GELU): use --activation-fn gelu")
+    if args.warmup_updates is None:
+        args.warmup_updates = 0 if args.lr_scheduler == "fixed" else 4000
     for flag, value, low in (("--model-parallel-size", args.model_parallel_size, 1), ("--update-freq", args.update_freq, 1),
                              ("--log-interval", args.log_interval, 1), ("--num-workers", args.num_workers, 0),
                              ("--max-update", args.max_update, 0), ("--warmup-updates", args.warmup_updates, 0),
@@ -305,9 +336,10 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
             raise UserError(f"{flag} {value} must be >= {low}")
     if args.distributed_world_size is not None and args.distributed_world_size < 1:
         raise UserError(f"--distributed-world-size {args.distributed_world_size} must be >= 1")
-    if args.batch_size is None:
-        raise UserError("--batch-size (--max-sentences) is required: blocks per data-parallel replica, e.g. --batch-size 8")
-    if args.batch_size < 1:
+    if args.batch_size is None and args.max_tokens is None:
+        raise UserError("--batch-size (--max-sentences) or --max-tokens is required: blocks (or tokens) per "
+                        "data-parallel replica, e.g. --batch-size 8")
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be >= 1")
     if args.batch_size_valid is not None and args.batch_size_valid < 1:
         raise UserError(f"--batch-size-valid {args.batch_size_valid} must be >= 1")
@@ -344,12 +376,13 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
                      weight_grad_impl=args.weight_grad_impl)
     if precision != "fp32":
         overrides.update(param_dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
-    model = load_config(args.arch, **overrides)
+    mp = args.model_parallel_size
+    model = _model_config(args, overrides)
     tokens = args.tokens_per_sample if args.tokens_per_sample is not None else min(1024, model.max_positions)
     if tokens < 1:
         raise UserError(f"--tokens-per-sample {tokens} must be >= 1")
-    mp = args.model_parallel_size
     model.validate(mp, tokens)
+    batch_size, batch_from = _blocks_per_batch(args, tokens)
     sp = args.sequence_parallel
     if sp is None:
         sp = mp > 1 and tokens % mp == 0
@@ -357,12 +390,57 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         raise UserError(f"--sequence-parallel splits the {tokens} tokens of a block over {mp} devices: use a "
                         f"--tokens-per-sample divisible by {mp} or --no-sequence-parallel")
     optim = OptimConfig(lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps, weight_decay=args.weight_decay,
-                        warmup_updates=args.warmup_updates, warmup_init_lr=args.warmup_init_lr, clip_norm=args.clip_norm)
+                        warmup_updates=args.warmup_updates, warmup_init_lr=args.warmup_init_lr, clip_norm=args.clip_norm,
+                        lr_scheduler=args.lr_scheduler)
     return RunConfig(args=args, model=model, optim=optim, data=args.data, offline=offline, tokens_per_sample=tokens,
-                     batch_size=args.batch_size, batch_size_valid=args.batch_size_valid or args.batch_size,
+                     batch_size=batch_size, batch_size_valid=args.batch_size_valid or batch_size,
                      update_freq=args.update_freq, model_parallel_size=mp, sequence_parallel=sp,
                      dtype_policy=P.describe(precision), fsdp=args.fsdp, world_size=args.distributed_world_size,
-                     validate_at_start=offline, precision=precision, loss_scale=loss_scale)
+                     validate_at_start=offline, precision=precision, loss_scale=loss_scale, batch_from=batch_from)
+
+
+
+def _model_config(args, overrides: dict):
+    """--arch (a configs/ name, a JSON path, or a fairseq arch) with the size flags and policy flags applied."""
+    from m11b_jax import fairseq_archs as FA
+    from m11b_jax.config import CONFIG_DIR, load_config
+
+    sizes = {k: getattr(args, k) for k in FA.SIZE_FLAGS}
+    if args.arch in FA.FAIRSEQ_ARCHS and not (CONFIG_DIR / f"{args.arch}.json").is_file():
+        num_symbols = _dictionary_size(args.data) if args.data else None
+        tokens = args.tokens_per_sample if args.tokens_per_sample is not None else 1024
+        model = FA.registry_config(args.arch, num_symbols=num_symbols, tokens_per_sample=tokens,
+                                   model_parallel_size=args.model_parallel_size, activation_fn=args.activation_fn)
+        model = model.replace(**{k: v for k, v in overrides.items() if v is not None})
+    else:
+        model = load_config(args.arch, **overrides)
+    return FA.apply_size_flags(model, sizes)
+
+
+def _dictionary_size(data: str) -> int | None:
+    """len(dictionary) of DATA_PATH/dict.txt (None when absent: the trainer reports that with the data)."""
+    import pathlib
+
+    from m11b_jax.dictionary import Dictionary
+
+    path = pathlib.Path(data) / "dict.txt"
+    return len(Dictionary.load(path)) if path.is_file() else None
+
+
+def _blocks_per_batch(args, tokens: int) -> tuple[int, str]:
+    """(blocks per data-parallel replica, how that was derived): fairseq's batch_by_size rule."""
+    from m11b_jax.train_data import fairseq_blocks_per_batch
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UserError(f"--max-tokens {args.max_tokens} must be >= 1")
+    n = fairseq_blocks_per_batch(args.max_tokens, tokens, args.batch_size, args.required_batch_size_multiple)
+    parts = [f"--max-tokens {args.max_tokens}"] if args.max_tokens is not None else []
+    parts += [f"--batch-size {args.batch_size}"] if args.batch_size is not None else []
+    how = " and ".join(parts)
+    fit = min(x for x in (args.batch_size, args.max_tokens // tokens if args.max_tokens else None) if x is not None)
+    if n != fit:
+        how += f" ({fit} fit, rounded down to a multiple of --required-batch-size-multiple {args.required_batch_size_multiple} as fairseq does)"
+    return n, how
 
 
 def _typed(parser: argparse.ArgumentParser, dest: str, value):
@@ -381,7 +459,9 @@ def setup_process(run: RunConfig) -> None:
     if not a.compile_only:
         runtime.maybe_initialize_distributed(a.coordinator_address, a.num_processes, a.process_id, force=a.multihost)
     nproc = _num_processes()
-    world = run.world_size or DEFAULT_CPU_DEVICES * (1 if a.compile_only else nproc)
+    if run.world_size is None and not a.compile_only and runtime.backends_initialized():
+        return  # JAX already runs (e.g. inside a test): use the devices it has
+    world = run.world_size or (COMPILE_ONLY_DEVICES if a.compile_only else DEFAULT_CPU_DEVICES * nproc)
     if world % nproc:
         raise UserError(f"--distributed-world-size {world} is not divisible by the {nproc} processes: give each "
                         "host the same number of devices")
@@ -404,6 +484,10 @@ def check_world_size(run: RunConfig) -> None:
     if run.world_size is not None and run.world_size != jax.device_count():
         raise UserError(f"--distributed-world-size {run.world_size} but {jax.device_count()} {jax.default_backend()} "
                         f"devices are present: pass --distributed-world-size {jax.device_count()} or omit it")
+    mp, n = run.model_parallel_size, jax.device_count()
+    if run.world_size is None and n % mp and jax.default_backend() == "cpu":
+        raise UserError(f"--model-parallel-size {mp} needs a multiple of {mp} devices; this CPU run has {n} simulated "
+                        f"device(s) (default {DEFAULT_CPU_DEVICES}): add --distributed-world-size {mp}")
 
 
 def compile_only(run: RunConfig) -> dict:
@@ -416,7 +500,7 @@ def compile_only(run: RunConfig) -> dict:
     if targets.is_tpu(a.target):  # the slice's own chip count (--distributed-world-size must agree)
         mesh = aot.target_mesh(a.target, run.world_size, run.model_parallel_size)
         return _compile_report(run, mesh, targets.memory_bytes(a.target) / 2**30)
-    n = run.world_size or DEFAULT_CPU_DEVICES
+    n = run.world_size or COMPILE_ONLY_DEVICES
     if a.target and importlib.util.find_spec("jax_cuda12_plugin") is None:
         raise UserError(f"--target {a.target} compiles with JAX's CUDA plugin, which is not installed: "
                         "pip install -e .[cuda-aot]")

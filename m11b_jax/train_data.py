@@ -175,3 +175,26 @@ def valid_batches(blocks: TokenBlocks, mesh: Mesh, batch_size: int, rules) -> It
     num_shards, shard_index = host_data_share(mesh)
     for local in iter_batches(blocks, rows, num_shards=num_shards, shard_index=shard_index):
         yield to_global(local, mesh, rows, rules)
+
+
+def fairseq_blocks_per_batch(max_tokens: int | None, tokens_per_sample: int, max_sentences: int | None = None,
+                             required_batch_size_multiple: int = 8) -> int:
+    """Blocks per batch (per data-parallel replica) as fairseq's `batch_by_size` forms them from a token budget,
+    with `--sample-break-mode none` (every block holds tokens_per_sample tokens).
+
+    fairseq adds blocks while (blocks + 1) x block length <= max_tokens and blocks < max_sentences; a full batch
+    of n blocks is cut to max(m * (n // m), n % m) with m = --required-batch-size-multiple, the rest carried
+    into the next batch. With equal blocks every batch but the last is that size: 12 fit -> 8 taken (m 8),
+    6 fit -> 6. A block longer than max_tokens is an error (fairseq: "exceeds max_tokens").
+    """
+    if max_tokens is not None and max_tokens < tokens_per_sample:
+        raise UserError(f"--max-tokens {max_tokens} is smaller than one block (--tokens-per-sample "
+                        f"{tokens_per_sample}): raise --max-tokens to at least {tokens_per_sample}")
+    if required_batch_size_multiple < 1:
+        raise UserError(f"--required-batch-size-multiple {required_batch_size_multiple} must be >= 1")
+    fit = [n for n in (max_tokens // tokens_per_sample if max_tokens is not None else None, max_sentences)
+           if n is not None]
+    if not fit:
+        raise UserError("give --batch-size (--max-sentences) or --max-tokens")
+    n, m = min(fit), required_batch_size_multiple  # whichever limit closes the batch, fairseq rounds it alike
+    return max(m * (n // m), n % m)

@@ -157,8 +157,10 @@ class MetricsLogger:
     """Console + JSON lines + optional TensorBoard; a no-op on processes other than 0."""
 
     def __init__(self, save_dir: str | None, tensorboard_logdir: str | None, *, enabled: bool = True,
-                 progress_total: int | None = None, progress_initial: int = 0, progress_bar: bool = True):
+                 progress_total: int | None = None, progress_initial: int = 0, progress_bar: bool = True,
+                 log_format: str = "tqdm"):
         self.enabled = enabled
+        self.log_format = log_format  # console lines: tqdm/simple ("| train | ..."), json (one object), none
         self._jsonl = None
         self._tb = None
         self._bar = None
@@ -198,8 +200,11 @@ class MetricsLogger:
             return
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
-        self.print(f"| {prefix} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "update")
-                   + f" | update {record['update']}")
+        if self.log_format == "json":
+            self.print(json.dumps({"phase": prefix, **record}, allow_nan=True))
+        elif self.log_format != "none":
+            self.print(f"| {prefix} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "update")
+                       + f" | update {record['update']}")
         if self._tb is not None:
             for k in tb_keys:  # a record key (tag PREFIX/key) or a (record key, tag) pair
                 key, tag = (k, f"{prefix}/{k}") if isinstance(k, str) else k

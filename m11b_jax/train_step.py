@@ -23,7 +23,7 @@ from m11b_jax.loss import criterion_fn, output_cross_entropy
 from m11b_jax.model import TransformerLM, init_variables
 from m11b_jax.param_tree import abstract_params, param_shardings
 from m11b_jax.optim import (FairseqAdamState, clip_by_global_norm_fairseq, fairseq_adam, fairseq_adam_apply,
-                            global_norm, inverse_sqrt_schedule)
+                            fixed_schedule, global_norm, inverse_sqrt_schedule)
 from m11b_jax.precision import LossScaleConfig, LossScaleState, init_loss_scale, update_loss_scale
 
 
@@ -38,8 +38,12 @@ class OptimConfig:
     warmup_updates: int = 3000
     warmup_init_lr: float = -1.0
     clip_norm: float = 0.0
+    lr_scheduler: str = "inverse_sqrt"  # or "fixed" (optim.LR_SCHEDULERS)
 
     def schedule(self):
+        """lr of the update taken after n completed updates, as a function of n."""
+        if self.lr_scheduler == "fixed":
+            return fixed_schedule(self.lr, self.warmup_updates)
         return inverse_sqrt_schedule(self.lr, self.warmup_updates, self.warmup_init_lr)
 
     def optimizer(self) -> optax.GradientTransformationExtraArgs:

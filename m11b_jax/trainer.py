@@ -139,7 +139,9 @@ class Trainer:
         self.peak = peak_flops(jax.devices()[0].device_kind, self.cfg.compute_dtype)
         self.logger = MetricsLogger(str(self.save_dir), args.tensorboard_logdir, enabled=self.is_main,
                                     progress_total=args.max_update or None, progress_initial=self.start,
-                                    progress_bar=not args.no_progress_bar)
+                                    progress_bar=not args.no_progress_bar and (args.log_format or "tqdm") == "tqdm",
+                                    log_format=args.log_format or "tqdm")
+        self.next_lr = self.ocfg.schedule()  # fairseq logs the lr the NEXT update will use
         self.summary = TrainSummary(save_dir=str(self.save_dir), data=self.data_path, start_update=self.start,
                                     resumed_from=self.resumed_from, mesh=dict(self.mesh.shape),
                                     sequence_parallel=run.sequence_parallel)
@@ -268,7 +270,9 @@ class Trainer:
         self.logger.advance(1, loss=loss)
         if update % self.args.log_interval == 0 or (self.args.max_update and update == self.args.max_update):
             now = time.perf_counter()
-            rec = self.interval.record(update, float(metrics["lr"]), now, flops_per_update=self.flops_per_update,
+            # fairseq's convention: after update u the scheduler has already set the rate of update u + 1, and
+            # that is the logged lr (the schedule's value at u completed updates).
+            rec = self.interval.record(update, float(self.next_lr(update)), now, flops_per_update=self.flops_per_update,
                                        num_devices=jax.device_count(), peak=self.peak, t_start=self.t_start)
             tb_keys = ("loss", "ppl", "lr", "gnorm", "wps", "mfu")
             if scale is not None:
@@ -287,6 +291,7 @@ class Trainer:
 
     def _header(self) -> None:
         run, cfg, rows = self.run_cfg, self.cfg, self.batches.global_rows
+        self._note(startup_summary(run, self.mesh, rows))
         self._note(
             f"| {cfg.name}: {cfg.num_params() / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on "
             f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | "
@@ -374,6 +379,18 @@ class Trainer:
                                          tensorboard_logdir=args.tensorboard_logdir)
             print("\n".join(lines), flush=True)
         return summary
+
+
+def startup_summary(run, mesh, global_rows: int) -> str:
+    """One line: devices, mesh, per-device and global batch (blocks and tokens per update) and how it was derived."""
+    devices = mesh.devices.flat
+    d, mp, b, t, uf = mesh.shape[sharding.DATA], mesh.shape[sharding.MODEL], run.batch_size, run.tokens_per_sample, run.update_freq
+    return (f"| {len(devices)} {devices[0].platform} device(s), mesh data {d} x model {mp} | per device: {b} blocks x "
+            f"{t} tokens = {b * t} tokens per micro-batch (from {run.batch_from}) | global: {b} x {d} data replicas "
+            f"x update-freq {uf} = {global_rows * uf} blocks = {global_rows * uf * t} tokens per update | "
+            f"model {run.model.name}: d {run.model.d_model}, ffn {run.model.ffn_dim}, layers {run.model.num_layers}, "
+            f"heads {run.model.num_heads}, vocab {run.model.vocab_size}, init {run.model.init}, remat "
+            f"{run.model.remat_policy}, attention {run.model.attention_impl} | lr scheduler {run.optim.lr_scheduler}")
 
 
 def train(run) -> TrainSummary:
