@@ -84,31 +84,123 @@ def convert_fairseq(src, out, dtype: str = "float32", verify: bool = False, allo
     _check_dictionary(dict_path, cfg, mp)
     log(f"{cfg.name}: {cfg.num_layers} layers, d={cfg.d_model}, ffn={cfg.ffn_dim}, heads={cfg.num_heads}, "
         f"vocab={cfg.vocab_size}, {mp} shard(s) -> {out} ({dtype})")
-    replicated: dict[str, np.ndarray] = {}  # rank 0's copy of every replicated tensor
-    fingerprints: dict[bytes, int] = {}
-    total_bytes = 0
     with ParamsWriter(out, cfg, dict_path, dtype=dtype, model_parallel_size=mp) as writer:
-        shapes = {path: shape for path, (shape, _) in writer.specs.items()}
-        for rank, path in shards.items():
-            t0 = time.perf_counter()
-            if rank > 0:
-                state = load_shard(path)
-                other, other_mp = _config_of(state, path, vocab_size=cfg.vocab_size)
-                if (other, other_mp) != (cfg, mp):
-                    raise UserError(f"{path.name} was saved with other options than {shards[0].name} "
-                                    f"({_config_diff(cfg, mp, other, other_mp)}): the shards do not belong together")
-            _convert_shard(state["model"], path, rank, mp, cfg, shapes, writer, replicated, fingerprints, log,
-                           allow_nonfinite)
-            state = None  # drop this shard before loading the next
-            fsutil.signal_hook_for_tests("convert-shard")
-            size = path.stat().st_size
-            total_bytes += size
-            log(f"  rank {rank}: {path.name} ({size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
+        total_bytes = _stream_shards(shards, state, cfg, mp, writer, log, allow_nonfinite)
         if verify:
             verify_checkpoint(writer.finish(), log=log)
     seconds = time.perf_counter() - start
     log(f"converted {total_bytes / 2**20:.0f} MiB in {seconds:.1f} s ({total_bytes / 2**20 / seconds:.0f} MiB/s) -> {out}")
     return cfg
+
+
+def _stream_shards(shards: dict[int, pathlib.Path], state0, cfg: ModelConfig, mp: int, writer, log,
+                   allow_nonfinite: bool = False) -> int:
+    """Check and hand every block of every shard to `writer.write`, one shard in memory at a time (rank 0's is
+    `state0`, already loaded). Returns the bytes read."""
+    replicated: dict[str, np.ndarray] = {}  # rank 0's copy of every replicated tensor
+    fingerprints: dict[bytes, int] = {}
+    total_bytes = 0
+    shapes = {path: shape for path, (shape, _) in writer.specs.items()}
+    state = state0
+    for rank, path in shards.items():
+        t0 = time.perf_counter()
+        if rank > 0:
+            state = load_shard(path)
+            other, other_mp = _config_of(state, path, vocab_size=cfg.vocab_size)
+            if (other, other_mp) != (cfg, mp):
+                raise UserError(f"{path.name} was saved with other options than {shards[0].name} "
+                                f"({_config_diff(cfg, mp, other, other_mp)}): the shards do not belong together")
+        _convert_shard(state["model"], path, rank, mp, cfg, shapes, writer, replicated, fingerprints, log,
+                       allow_nonfinite)
+        state = None  # drop this shard before loading the next
+        fsutil.signal_hook_for_tests("convert-shard")
+        size = path.stat().st_size
+        total_bytes += size
+        log(f"  rank {rank}: {path.name} ({size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
+    return total_bytes
+
+
+def load_fairseq_onto_mesh(src, mesh, rules, dtype: str = "float32", log=_log):
+    """fairseq shards (`DIR`, or `DIR/model.pt` meaning `DIR/model-model_part-{r}.pt`) read with the converter's
+    safe loader and checks, one shard at a time, each block placed straight onto the devices of `mesh` that hold
+    it (no converted copy, never the whole model on the host). Returns (config, params, dict.txt path)."""
+    directory, shards = find_shards(src)
+    dict_path = directory / "dict.txt"
+    if not dict_path.is_file():
+        raise UserError(f"dictionary not found: {dict_path}: the release's dict.txt must sit next to the shards")
+    state = load_shard(shards[0])
+    stored, mp = _config_of(state, shards[0])
+    _check_ranks(shards, mp)
+    _check_dictionary(dict_path, stored, mp)
+    cfg = stored.replace(param_dtype=dtype, compute_dtype=dtype)
+    log(f"{cfg.name}: {cfg.num_layers} layers, d={cfg.d_model}, ffn={cfg.ffn_dim}, heads={cfg.num_heads}, "
+        f"vocab={cfg.vocab_size}, {mp} shard(s) -> {dict(mesh.shape)} mesh ({dtype})")
+    writer = MeshWriter(cfg, mesh, rules)
+    _stream_shards(shards, state, stored, mp, writer, log)
+    return cfg, writer.finish(), dict_path
+
+
+class MeshWriter:
+    """`ParamsWriter.write`'s interface, writing into per-device buffers of the mesh layout instead of a file.
+
+    Each device's slice of each leaf is a zeroed buffer on that device; a block updates, in place (donated),
+    the part of every slice it overlaps. `finish` checks every element was written once and returns the params.
+    """
+
+    def __init__(self, cfg: ModelConfig, mesh, rules):
+        import jax
+        import jax.numpy as jnp
+        from flax import traverse_util
+
+        from m11b_jax.params_io import leaf_specs
+        from m11b_jax.sharding import abstract_params
+
+        self.specs = leaf_specs(cfg)
+        self._target = traverse_util.flatten_dict(abstract_params(cfg, mesh, rules))
+        self._slices, self._written = {}, {}
+        for leaf, sds in self._target.items():
+            slices = []
+            for device, index in sds.sharding.addressable_devices_indices_map(sds.shape).items():
+                bounds = tuple(sl.indices(n)[:2] for sl, n in zip(index, sds.shape))
+                with jax.default_device(device):
+                    buf = jnp.zeros(tuple(b - a for a, b in bounds), sds.dtype)
+                slices.append([device, bounds, buf])
+            self._slices[leaf], self._written[leaf] = slices, 0
+        self._update = jax.jit(lambda buf, piece, starts: jax.lax.dynamic_update_slice(buf, piece, starts),
+                               donate_argnums=0)
+
+    def write(self, path, index: tuple, value: np.ndarray) -> None:
+        import jax
+
+        sds = self._target[path]
+        region, value = [], np.asarray(value)
+        for i, n in zip(index, sds.shape):  # ints (a layer) become size-1 dims of the block
+            region.append((i, i + 1) if isinstance(i, int) else i.indices(n)[:2])
+        value = value.reshape(tuple(b - a for a, b in region))
+        for entry in self._slices[path]:
+            device, bounds, buf = entry
+            lo = [max(a, c) for (a, _), (c, _) in zip(region, bounds)]
+            hi = [min(b, d) for (_, b), (_, d) in zip(region, bounds)]
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            piece = value[tuple(slice(a - r, b - r) for a, b, (r, _) in zip(lo, hi, region))]
+            piece = jax.device_put(np.ascontiguousarray(piece, dtype=sds.dtype), device)
+            starts = tuple(np.int32(a - c) for a, (c, _) in zip(lo, bounds))
+            entry[2] = self._update(buf, piece, starts)
+        self._written[path] += value.size
+
+    def finish(self):
+        import jax
+        from flax import traverse_util
+
+        from m11b_jax.params_io import leaf_dir_name
+
+        incomplete = [leaf_dir_name(p) for p, sds in self._target.items() if self._written[p] != np.prod(sds.shape)]
+        if incomplete:
+            raise UserError(f"the shards did not fill {', '.join(incomplete)}: the checkpoint is incomplete")
+        out = {leaf: jax.make_array_from_single_device_arrays(sds.shape, sds.sharding, [e[2] for e in self._slices[leaf]])
+               for leaf, sds in self._target.items()}
+        return traverse_util.unflatten_dict(out)
 
 
 def _config_of(state, path: pathlib.Path, vocab_size: int | None = None) -> tuple[ModelConfig, int]:

@@ -344,9 +344,31 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "where small temporaries are faster; 1 otherwise); results do not change")
 
 
+# fairseq-eval-lm flags that change nothing here: accepted, with a note. flag: None (a switch), a type (any value),
+# or a tuple of the values that change nothing.
+NOOP_FLAGS = {"--task": ("language_modeling",), "--criterion": ("cross_entropy", "vocab_parallel_cross_entropy"),
+              "--num-workers": int, "--seed": int,
+              "--log-format": str, "--log-interval": int, "--quiet": None, "--max-tokens": int, "--softmax-batch": int,
+              "--sample-break-mode": ("none",), "--bpe": str, "--tokenizer": str, "--ddp-backend": str,
+              "--distributed-port": int, "--distributed-backend": str, "--required-batch-size-multiple": int}
+# fairseq-eval-lm flags that would change the results and are not implemented: refused by name.
+REFUSED_FLAGS = {"--fp16": "evaluates in fp16; use --dtype bfloat16 (or the default float32, as the release was "
+                           "evaluated)",
+                 "--memory-efficient-fp16": "evaluates in fp16; use --dtype bfloat16",
+                 "--add-bos-token": "prepends <s> to every block", "--output-word-probs": "prints per-word scores; use "
+                 "--output-token-logprobs FILE.npy", "--output-word-stats": "prints word statistics",
+                 "--model-overrides": "changes the model's options", "--remove-bpe": "merges BPE pieces into words "
+                 "before scoring", "--max-target-positions": "changes the model's positions"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - one line, no usage dump
+        raise UserError(f"{message} (see python -m m11b_jax.eval_lm --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m m11b_jax.eval_lm", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m m11b_jax.eval_lm", description=__doc__.split("\n")[0], allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?", metavar="DATA_BIN", help="folder with dict.txt and SPLIT.bin/.idx")
     p.add_argument("--path", help="m11b_jax params checkpoint (python -m m11b_jax.convert writes one), or a "
                                   "training --save-dir / one of its update directories")
@@ -359,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-token-logprobs", metavar="FILE.npy",
                    help="save each token's natural-log probability, in stream order")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
+    p.add_argument("--distributed-world-size", type=int,
+                   help="devices to use (default: all present; on a CPU one simulated device unless this asks for more)")
     compile_only = p.add_argument_group("compile-only: per-device memory of the eval step at full size, nothing "
                                         "allocated")
     compile_only.add_argument("--compile-only", action="store_true")
@@ -408,9 +433,58 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def parse_args(argv: Sequence[str] | None):
+    """fairseq-eval-lm's command line: our flags, fairseq's no-op flags (noted), its unimplemented ones refused."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    notes, i = [], 0
+    while i < len(unknown):
+        flag, _, inline = unknown[i].partition("=")
+        if flag in REFUSED_FLAGS:
+            raise UserError(f"{flag} is not implemented: fairseq {REFUSED_FLAGS[flag]}")
+        if flag not in NOOP_FLAGS:
+            raise UserError(f"unrecognized argument {unknown[i]} (see python -m m11b_jax.eval_lm --help)")
+        kind = NOOP_FLAGS[flag]
+        value = None
+        if kind is not None and not inline:
+            if i + 1 >= len(unknown):
+                raise UserError(f"{flag} expects a value")
+            i, value = i + 1, unknown[i + 1]
+        value = inline or value
+        if isinstance(kind, tuple) and value not in kind:
+            raise UserError(f"{flag} {value} is not implemented: {flag} {' or '.join(kind)} is (fairseq's "
+                            "language-model scoring)")
+        notes.append(flag if value is None else f"{flag} {value}")
+        i += 1
+    if notes:
+        _stderr(f"| note: {', '.join(notes)}: accepted, changes nothing here (the scoring rule, the loss and "
+                "the batching of windows are fixed; --criterion cross_entropy and vocab_parallel_cross_entropy "
+                "give the same log-probs)")
+    return args
+
+
+def setup_devices(args) -> None:
+    """--cpu and --distributed-world-size: before JAX starts, the CPU backend gets that many simulated devices."""
+    import jax
+
+    from m11b_jax.runtime import backends_initialized, configure_cpu_devices, force_cpu_platform
+
+    if args.distributed_world_size is not None and args.distributed_world_size < 1:
+        raise UserError(f"--distributed-world-size {args.distributed_world_size} must be >= 1")
+    if args.cpu:
+        force_cpu_platform()
+    if args.distributed_world_size is not None:
+        if not backends_initialized():
+            configure_cpu_devices(args.distributed_world_size)
+        if jax.device_count() != args.distributed_world_size:
+            raise UserError(f"--distributed-world-size {args.distributed_world_size} but {jax.device_count()} "
+                            f"{jax.default_backend()} devices are present: pass --distributed-world-size "
+                            f"{jax.device_count()} or omit it")
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.compile_only:
         from m11b_jax.runtime import force_cpu_platform
         from m11b_jax.targets import check_target, is_tpu
@@ -443,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.data is None or args.path is None:
         raise UserError("give DATA_BIN and --path CKPT (or --compile-only --arch NAME)")
+    setup_devices(args)
     orig = original_token_count(args)
     summary, _ = run_eval(
         args.data, args.path, split=args.gen_subset, tokens_per_sample=args.tokens_per_sample,

@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -345,16 +346,30 @@ def load_checkpoint(path: str | os.PathLike, mesh, rules, dtype: str):
     from m11b_jax.fsutil import resolve
 
     path = resolve(path)  # orbax and tensorstore need absolute paths
+    if is_fairseq_checkpoint(path):  # read straight onto the mesh, no converted copy
+        from m11b_jax.convert import load_fairseq_onto_mesh
+
+        eval_config(ModelConfig(), dtype)  # the same --dtype check
+        return load_fairseq_onto_mesh(path, mesh, rules, dtype, log=lambda m: print(m, file=sys.stderr, flush=True))
     if not path.exists():
-        raise UserError(f"checkpoint not found: {path} (give the directory written by python -m m11b_jax.convert)")
+        raise UserError(f"checkpoint not found: {path} (give fairseq's DIR/model.pt, or the directory written by "
+                        "python -m m11b_jax.convert)")
     if path.is_file():
         raise UserError(
-            f"{path} is a file, not an m11b_jax params checkpoint directory: convert fairseq shards first "
-            f"(python -m m11b_jax.convert {path} OUT) and pass --path OUT")
+            f"{path} is a file, not an m11b_jax params checkpoint directory nor fairseq's NAME.pt: pass fairseq "
+            "shards as DIR/model.pt, or a directory written by python -m m11b_jax.convert")
     if train_checkpoint.is_step_dir(path) or train_checkpoint.list_steps(path):
         return load_training_checkpoint(path, mesh, rules, dtype)
     cfg = eval_config(load_model_config(path), dtype)
     return cfg, load_params(path, mesh, rules, cfg=cfg), dictionary_path(path)
+
+
+def is_fairseq_checkpoint(path: pathlib.Path) -> bool:
+    """fairseq's `--path DIR/NAME.pt` (the file itself, or its shards `DIR/NAME-model_part-{r}.pt`), or a directory
+    holding such shards and no m11b_jax checkpoint."""
+    if path.suffix == ".pt":
+        return True
+    return path.is_dir() and not (path / META_FILE).exists() and any(path.glob("*-model_part-*.pt"))
 
 
 def load_training_checkpoint(path: pathlib.Path, mesh, rules, dtype: str):
