@@ -117,8 +117,8 @@ def _tiny(data, save, *extra):
 
 
 @pytest.mark.parametrize("case, argv, message", [
-    ("unknown flag", ["DATA", "--arch", "tiny", "--batch-size", "2", "--max-tokens", "4096", "--frobnicate"],
-     r"^unsupported flags --max-tokens, --frobnicate: m11b_jax.train does not implement them"),
+    ("unknown flag", ["DATA", "--arch", "tiny", "--batch-size", "2", "--bucket-cap-mb", "--frobnicate"],
+     r"^unsupported flags --bucket-cap-mb, --frobnicate: m11b_jax.train does not implement them"),
     ("unknown arch", ["DATA", "--arch", "transformer_lm_gpt3", "--batch-size", "2"],
      r"unknown arch 'transformer_lm_gpt3': use one of .*tiny"),
     ("untied megatron", ["DATA", "--arch", "transformer_lm_megatron_11b", "--batch-size", "2"],
@@ -127,7 +127,7 @@ def _tiny(data, save, *extra):
      r"argument --lr-scheduler: invalid choice: 'cosine'"),
     ("lr list", ["DATA", "--arch", "tiny", "--batch-size", "2", "--lr", "0.1,0.2"],
      r"--lr '0.1,0.2': per-epoch lists are not supported"),
-    ("no batch", ["DATA", "--arch", "tiny"], r"--batch-size \(--max-sentences\) is required"),
+    ("no batch", ["DATA", "--arch", "tiny"], r"--batch-size \(--max-sentences\) or --max-tokens is required"),
     ("no arch", ["DATA", "--batch-size", "2"], r"--arch is required with a DATA_PATH"),
     ("heads vs mp", ["DATA", "--arch", "tiny", "--batch-size", "2", "--model-parallel-size", "3"],
      r"num_heads=8 is not divisible by the model-parallel size 3"),

@@ -76,7 +76,7 @@ def base_args(data: pathlib.Path, save_dir: pathlib.Path, *extra: str, mp: int =
     return [str(data), "--arch", "tiny", "--tokens-per-sample", "32", "--batch-size", str(batch),
             "--model-parallel-size", str(mp), "--lr", "0.002", "--warmup-updates", "2", "--weight-decay", "0.01",
             "--max-update", str(max_update), "--log-interval", "1", "--no-progress-bar", "--save-dir", str(save_dir),
-            *extra]
+            "--distributed-world-size", "8", *extra]  # 8 simulated devices in a CLI subprocess too (default 1)
 
 
 def subprocess_env(**extra: str) -> dict:
