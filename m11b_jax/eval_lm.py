@@ -6,6 +6,14 @@
     python -m m11b_jax.eval_lm --compile-only --arch transformer_lm_megatron_11b [--model-parallel-size 8]
         [--dtype float32|bfloat16] [--batch-size B] [--target h100]
 
+fairseq-eval-lm's command for the release works as written (plus `--cpu` on a machine without GPUs):
+    python -m m11b_jax.eval_lm DATA_BIN --task language_modeling --criterion cross_entropy --distributed-world-size 8
+        --model-parallel-size 8 --batch-size 8 --gen-subset test --context-window 992 --path megatron_11b/model.pt
+`--path DIR/model.pt` names fairseq's shards DIR/model-model_part-{r}.pt (+ DIR/dict.txt): they are read with the
+converter's safe loader, one at a time, straight onto the mesh (`convert.load_fairseq_onto_mesh`). fairseq flags
+that change nothing here are accepted with a note (NOOP_FLAGS); those that would change the results and are not
+implemented are refused by name (REFUSED_FLAGS).
+
 The scoring rule (fairseq `eval_lm` + `LMContextWindowDataset`, as ../shared/REFERENCE.md states it):
 the split's tokens, all lines back to back, are one stream t0 t1 ... t(N-1); the model's inputs are that
 stream shifted right by one with `</s>` first, inputs = [eos, t0, t1, ...]. Targets are cut into blocks
