@@ -153,7 +153,7 @@ class MeshWriter:
         from flax import traverse_util
 
         from m11b_jax.params_io import leaf_specs
-        from m11b_jax.sharding import abstract_params
+        from m11b_jax.param_tree import abstract_params
 
         self.specs = leaf_specs(cfg)
         self._target = traverse_util.flatten_dict(abstract_params(cfg, mesh, rules))

@@ -459,14 +459,21 @@ def setup_process(run: RunConfig) -> None:
     if not a.compile_only:
         runtime.maybe_initialize_distributed(a.coordinator_address, a.num_processes, a.process_id, force=a.multihost)
     nproc = _num_processes()
-    if run.world_size is None and not a.compile_only and runtime.backends_initialized():
-        return  # JAX already runs (e.g. inside a test): use the devices it has
+    if run.world_size is None and not a.compile_only and (runtime.backends_initialized() or cpu_devices_set()):
+        return  # JAX already runs, or the process chose its CPU device count (e.g. a test): keep it
     world = run.world_size or (COMPILE_ONLY_DEVICES if a.compile_only else DEFAULT_CPU_DEVICES * nproc)
     if world % nproc:
         raise UserError(f"--distributed-world-size {world} is not divisible by the {nproc} processes: give each "
                         "host the same number of devices")
     # Only the CPU backend reads this: with no accelerator the run uses `world` simulated devices.
     runtime.configure_cpu_devices(world // nproc)
+
+
+def cpu_devices_set() -> bool:
+    """Whether this process already asked JAX for a number of CPU devices (jax_num_cpu_devices, default -1)."""
+    import jax
+
+    return jax.config.jax_num_cpu_devices > 0
 
 
 def _num_processes() -> int:
