@@ -109,7 +109,7 @@ def test_fixed_schedule_logged_lr_json_log_and_startup_line(tmp_path, capsys):
                    "--model-parallel-size", "2", "--lr-scheduler", "fixed", "--lr", "0.002", "--warmup-updates", "4",
                    "--max-update", "3", "--log-interval", "1", "--log-format", "json", "--no-save",
                    "--disable-validation", "--save-dir", str(tmp_path)])
-    assert [r["lr"] for r in summary["train"]] == pytest.approx([0.002 * 2 / 4, 0.002 * 3 / 4, 0.002])
+    assert [r["lr"] for r in summary.train] == pytest.approx([0.002 * 2 / 4, 0.002 * 3 / 4, 0.002])
     err = capsys.readouterr().err
     logged = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert [r["update"] for r in logged if r["phase"] == "train"] == [1, 2, 3]
