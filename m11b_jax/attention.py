@@ -53,9 +53,18 @@ def _blocks(t: int, query_block: int):
     return [(i, i + size) for i in range(0, t, size)]
 
 
+def causal_allowed_at(key_mask, query_positions):
+    """[b, 1, n, K] bool for queries at query_positions ([n] or [b, n]; may be traced: a decode step's cache
+    columns) and every key 0..K-1 of key_mask [b, K]: causal and not a pad key. With
+    query_positions = arange(t) and K = t it equals causal_allowed(key_mask, 0, t)."""
+    causal = jnp.asarray(query_positions)[..., :, None] >= jnp.arange(key_mask.shape[1])
+    causal = causal if causal.ndim == 3 else causal[None]
+    return causal[:, None] & key_mask[:, None, None, :]
+
+
 def causal_allowed(key_mask, q0: int, q1: int):
-    """[b, 1, q1 - q0, q1] bool for queries q0..q1-1 and keys 0..q1-1: causal and not a pad key. The one mask of
-    every attention path (model.py's autodiff path with (0, t), this module's blocks, scoring.py's chunks)."""
+    """[b, 1, q1 - q0, q1] bool for queries q0..q1-1 and keys 0..q1-1: causal and not a pad key: the mask of this
+    module's blocks and scoring.py's chunks (model.py uses causal_allowed_at, the same rule at any positions)."""
     causal = jnp.arange(q0, q1)[:, None] >= jnp.arange(q1)[None, :]
     return causal[None, None] & key_mask[:, None, None, :q1]
 

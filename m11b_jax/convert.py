@@ -64,11 +64,12 @@ def _short(keys: list[str], n: int = 4) -> str:
 
 
 def convert_fairseq(src, out, dtype: str = "float32", verify: bool = False, allow_nonfinite: bool = False,
-                    log=_log) -> ModelConfig:
+                    log=_log, bpe_dir=None) -> ModelConfig:
     """Convert fairseq shards at `src` into our checkpoint at `out`; returns the model config.
 
     Every tensor must be finite (NaN/inf weights make every score NaN): the first that is not is named in a
-    UserError, unless `allow_nonfinite`, which converts it with a warning.
+    UserError, unless `allow_nonfinite`, which converts it with a warning. bpe_dir: GPT-2's encoder.json and
+    vocab.bpe, stored beside dict.txt.
     """
     out = pathlib.Path(out)
     check_output_dir(out)
@@ -84,7 +85,7 @@ def convert_fairseq(src, out, dtype: str = "float32", verify: bool = False, allo
     _check_dictionary(dict_path, cfg, mp)
     log(f"{cfg.name}: {cfg.num_layers} layers, d={cfg.d_model}, ffn={cfg.ffn_dim}, heads={cfg.num_heads}, "
         f"vocab={cfg.vocab_size}, {mp} shard(s) -> {out} ({dtype})")
-    with ParamsWriter(out, cfg, dict_path, dtype=dtype, model_parallel_size=mp) as writer:
+    with ParamsWriter(out, cfg, dict_path, dtype=dtype, model_parallel_size=mp, bpe_dir=bpe_dir) as writer:
         total_bytes = _stream_shards(shards, state, cfg, mp, writer, log, allow_nonfinite)
         if verify:
             verify_checkpoint(writer.finish(), log=log)
@@ -513,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype (default float32; with --to-fairseq: the checkpoint's own)")
     p.add_argument("--verify", action="store_true",
                    help="before publishing OUT, load it on the available devices and check one forward pass")
+    p.add_argument("--bpe-dir", help="folder with GPT-2's encoder.json and vocab.bpe, stored in OUT beside dict.txt "
+                                     "so text generation and LanguageModel.load(OUT) need nothing else")
     p.add_argument("--to-fairseq", nargs=2, metavar=("CKPT", "OUTDIR"),
                    help="write our checkpoint CKPT as fairseq shards into OUTDIR")
     p.add_argument("--model-parallel-size", type=int, help="number of shards to write with --to-fairseq")
@@ -570,7 +573,7 @@ def main(argv=None) -> None:
     if args.model_parallel_size is not None or args.legacy_format:
         parser.error("--model-parallel-size and --legacy-format go with --to-fairseq")
     cfg = convert_fairseq(args.src, args.out, dtype=args.dtype or "float32", verify=args.verify,
-                          allow_nonfinite=args.allow_nonfinite)
+                          allow_nonfinite=args.allow_nonfinite, bpe_dir=args.bpe_dir)
     print(f"wrote {args.out}: {cfg.name}, {cfg.num_params() / 1e9:.3f}B parameters")
 
 

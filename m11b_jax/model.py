@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m11b_jax.attention import causal_allowed, causal_attention
+from m11b_jax.attention import causal_allowed_at, causal_attention
 from m11b_jax.axis_names import (ACTIVATION_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, MLP, RESIDUAL_LENGTH,
                                  TP_LENGTH, VOCAB)
 from m11b_jax.config import ModelConfig, jax_dtype
@@ -35,10 +35,17 @@ _REMAT_SAVEABLE = {
 }
 
 
-def fairseq_positions(tokens: jax.Array, pad_idx: int) -> jax.Array:
-    """fairseq's `make_positions`: first real token gets pad+1 (=2), pads get pad (=1)."""
+def fairseq_positions(tokens: jax.Array, pad_idx: int, seen: jax.Array | None = None) -> jax.Array:
+    """fairseq's `make_positions`: first real token gets pad+1 (=2), pads get pad (=1). `seen` [batch]: real
+    tokens before these (decoding continues each row's count)."""
     mask = (tokens != pad_idx).astype(jnp.int32)
-    return jnp.cumsum(mask, axis=1) * mask + pad_idx
+    count = jnp.cumsum(mask, axis=1) if seen is None else seen[:, None] + jnp.cumsum(mask, axis=1)
+    return count * mask + pad_idx
+
+
+def _cache_variable(module: nn.Module, name: str, shape, dtype, names):
+    """A zero-initialized `cache` collection variable carrying logical axis names (decoding only)."""
+    return module.variable("cache", name, lambda: nn.LogicallyPartitioned(jnp.zeros(shape, dtype), names))
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int, pad_idx: int) -> jax.Array:
@@ -88,12 +95,17 @@ def _layer_norm(cfg: ModelConfig, name: str):
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head self-attention; q/k/v column-parallel over heads, out_proj row-parallel."""
+    """Causal multi-head self-attention; q/k/v column-parallel over heads, out_proj row-parallel.
+
+    decode=True: keys and values also go into a `cache` collection [batch, cache_len, heads, head_dim] (created
+    by `init` on a [batch, cache_len] input) at column `index`, and the queries attend to the whole cache;
+    key_mask is then the cache's [batch, cache_len] mask."""
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool):
+    def __call__(self, x, key_mask, deterministic: bool, index=0):
         cfg = self.cfg
         b, t, d = x.shape
         h, hd = cfg.num_heads, cfg.head_dim
@@ -106,14 +118,17 @@ class SelfAttention(nn.Module):
         k = heads(_projection(x, d, (EMBED, HEADS), cfg, "k_proj", column_parallel=True))
         v = heads(_projection(x, d, (EMBED, HEADS), cfg, "v_proj", column_parallel=True))
 
+        if self.decode:
+            k, v = (self._cached(name, y, index) for name, y in (("key", k), ("value", v)))
+
         dropout = not deterministic and cfg.attention_dropout > 0
-        if cfg.attention_impl in ("flash", "cudnn"):  # fused GPU kernels (m11b_jax.flash_attention)
+        if cfg.attention_impl in ("flash", "cudnn") and not self.decode:  # fused GPU kernels (flash_attention.py)
             seed = dropout_seed(self.make_rng("dropout")) if dropout else None
             out = fused_attention(cfg.attention_impl, q, k, v, key_mask, seed, cfg.attention_dropout * dropout,
                                   (BATCH, TP_LENGTH, HEADS, HEAD_DIM))
             out = nn.with_logical_constraint(out, (BATCH, TP_LENGTH, HEADS, HEAD_DIM)).reshape(b, t, d)
             return _projection(out, d, (HEADS, EMBED), cfg, "out_proj", column_parallel=False)
-        if cfg.attention_impl == "manual":
+        if cfg.attention_impl == "manual" and not self.decode:
             keep, keep_scale = None, 1.0
             if dropout:
                 keep, keep_scale = keep_mask_16bit((b, h, t, t), cfg.attention_dropout, self.make_rng("dropout"))
@@ -125,7 +140,7 @@ class SelfAttention(nn.Module):
 
         # Like fairseq in mixed precision: scores in the compute dtype, the softmax in fp32, probs cast back.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        allowed = causal_allowed(key_mask, 0, t)
+        allowed = causal_allowed_at(key_mask, index + jnp.arange(t))
         # A finite minimum (not -inf) keeps fully masked rows (pad queries) finite.
         scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
@@ -135,21 +150,51 @@ class SelfAttention(nn.Module):
         out = nn.with_logical_constraint(out, (BATCH, TP_LENGTH, HEADS, HEAD_DIM)).reshape(b, t, d)
         return _projection(out, d, (HEADS, EMBED), cfg, "out_proj", column_parallel=False)
 
+    def _cached(self, name: str, y, index):
+        """Write y [batch, t, heads, head_dim] into the cache at column `index`; return the whole cache."""
+        axes = (BATCH, TP_LENGTH, HEADS, HEAD_DIM)
+        var = _cache_variable(self, name, y.shape, y.dtype, axes)
+        var.value = nn.with_logical_constraint(
+            jax.lax.dynamic_update_slice(var.value, y.astype(var.value.dtype), (0, index, 0, 0)), axes)
+        return var.value
+
+
+class DecodeState(nn.Module):
+    """Decoding bookkeeping in the `cache` collection: the next cache column, each row's count of real tokens
+    (its positions continue from there) and which cache columns hold real tokens."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        """-> (positions, key mask over the cache, column where these tokens' keys go)."""
+        real = tokens != self.cfg.pad_idx
+        index = _cache_variable(self, "index", (), jnp.int32, ())
+        seen = _cache_variable(self, "seen", tokens.shape[:1], jnp.int32, (BATCH,))
+        mask = _cache_variable(self, "key_mask", tokens.shape, jnp.bool_, (BATCH, TP_LENGTH))
+        at = index.value
+        positions = fairseq_positions(tokens, self.cfg.pad_idx, seen.value)
+        mask.value = jax.lax.dynamic_update_slice(mask.value, real, (0, at))
+        seen.value = seen.value + real.sum(axis=1, dtype=jnp.int32)
+        index.value = at + tokens.shape[1]
+        return positions, mask.value, at
+
 
 class DecoderLayer(nn.Module):
     """One pre-LayerNorm transformer block. Called as a scan body: (carry, broadcast) -> (carry, None)."""
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool):
+    def __call__(self, x, key_mask, deterministic: bool, index=0):
         cfg = self.cfg
         cdt = jax_dtype(cfg.compute_dtype)
         residual = (BATCH, RESIDUAL_LENGTH, ACTIVATION_EMBED)
         x = nn.with_logical_constraint(x, residual)
 
         h = _layer_norm(cfg, "self_attn_layer_norm")(x).astype(cdt)
-        h = SelfAttention(cfg, name="self_attn")(h, key_mask, deterministic)
+        h = SelfAttention(cfg, self.decode, name="self_attn")(h, key_mask, deterministic, index)
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
 
@@ -165,9 +210,13 @@ class DecoderLayer(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """Decoder-only LM. `__call__(tokens) -> logits [batch, length, vocab]` in the compute dtype."""
+    """Decoder-only LM. `__call__(tokens) -> logits [batch, length, vocab]` in the compute dtype.
+
+    decode=True (m11b_jax.generation): the same layers with a key/value cache; each call continues the
+    sequences of the previous ones (a left-padded prompt first, then one token per row per call)."""
 
     cfg: ModelConfig
+    decode: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -185,13 +234,15 @@ class TransformerLM(nn.Module):
         # unrolls the loop in the compiled program (faster for tiny CPU models, slower to compile).
         self.layers = nn.scan(
             layer,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             unroll=1 if cfg.scan_layers else cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: LAYERS},
-        )(cfg, name="layers")
+        )(cfg, self.decode, name="layers")
+        if self.decode:
+            self.decode_state = DecodeState(cfg)
         self.layer_norm = _layer_norm(cfg, "layer_norm")
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -202,19 +253,27 @@ class TransformerLM(nn.Module):
 
     def hidden_states(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         """Final-LayerNorm output [batch, length, d] (fp32)."""
+        x, key_mask, index = self.embed(tokens, deterministic)
+        x, _ = self.layers(x, key_mask, deterministic, index)
+        return self.layer_norm(x)
+
+    def embed(self, tokens: jax.Array, deterministic: bool = True):
+        """(the first layer's input [batch, length, d], the key mask, the cache column these tokens go to)."""
         cfg = self.cfg
         cdt = jax_dtype(cfg.compute_dtype)
         tokens = nn.with_logical_constraint(tokens, (BATCH, TP_LENGTH))
-        key_mask = tokens != cfg.pad_idx
+        if self.decode:
+            positions, key_mask, index = self.decode_state(tokens)
+        else:
+            positions, key_mask, index = fairseq_positions(tokens, cfg.pad_idx), tokens != cfg.pad_idx, 0
         emb = jnp.take(self._embedding(), tokens, axis=0).astype(jnp.float32)
-        pos = sinusoidal_embedding(fairseq_positions(tokens, cfg.pad_idx), cfg.d_model, cfg.pad_idx)
+        pos = sinusoidal_embedding(positions, cfg.d_model, cfg.pad_idx)
         x = nn.with_logical_constraint(math.sqrt(cfg.d_model) * emb + pos, (BATCH, RESIDUAL_LENGTH, ACTIVATION_EMBED))
         x = self.dropout(x, deterministic=deterministic)
         # The residual stream is carried in fp32 when params are fp32 (bf16 only inside matmuls).
         x = nn.with_logical_constraint(x.astype(jnp.promote_types(cdt, jax_dtype(cfg.param_dtype))),
                                        (BATCH, RESIDUAL_LENGTH, ACTIVATION_EMBED))
-        x, _ = self.layers(x, key_mask, deterministic)
-        return self.layer_norm(x)
+        return x, key_mask, index
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Tied output projection: hidden @ E^T, vocab-parallel (each model shard makes its vocab slice)."""

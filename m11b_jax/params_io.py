@@ -45,6 +45,7 @@ EVAL_DTYPES = ("float32", "bfloat16")
 FORMAT = "m11b_jax.params"
 FORMAT_VERSION = 1
 CONFIG_FILE, DICT_FILE, META_FILE, PARAMS_DIR = "config.json", "dict.txt", "checkpoint.json", "params"
+BPE_FILES = ("encoder.json", "vocab.bpe")  # GPT-2's BPE, stored beside dict.txt by --bpe-dir
 
 LeafPath = tuple[str, ...]
 
@@ -102,7 +103,7 @@ class ParamsWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, cfg: ModelConfig, dictionary_path: str | os.PathLike | None = None,
-                 dtype: str = "float32", *, model_parallel_size: int = 1):
+                 dtype: str = "float32", *, model_parallel_size: int = 1, bpe_dir: str | os.PathLike | None = None):
         self.out_dir = pathlib.Path(out_dir)
         self.cfg = cfg
         self.dictionary_path = None if dictionary_path is None else pathlib.Path(dictionary_path)
@@ -113,6 +114,7 @@ class ParamsWriter:
             raise UserError(f"output {self.out_dir} already exists: remove it or choose another path")
         if self.dictionary_path is not None and not self.dictionary_path.is_file():
             raise UserError(f"dictionary not found: {self.dictionary_path}")
+        self.bpe_files = check_bpe_dir(bpe_dir)
         self.specs = leaf_specs(cfg)
         self.tmp_dir: pathlib.Path | None = None
         self._arrays: dict[LeafPath, ts.TensorStore] = {}
@@ -164,6 +166,8 @@ class ParamsWriter:
         (self.tmp_dir / CONFIG_FILE).write_text(self.cfg.to_json() + "\n")
         if self.dictionary_path is not None:
             shutil.copyfile(self.dictionary_path, self.tmp_dir / DICT_FILE)
+        for f in self.bpe_files:
+            shutil.copyfile(f, self.tmp_dir / f.name)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -213,6 +217,24 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
         return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
     except (OSError, json.JSONDecodeError, TypeError) as e:
         raise UserError(f"{path / CONFIG_FILE} is unreadable ({e}): the checkpoint is corrupt") from None
+
+
+def check_bpe_dir(bpe_dir: str | os.PathLike | None) -> list[pathlib.Path]:
+    """[encoder.json, vocab.bpe] of a GPT-2 BPE folder (none for None), with a one-line error if one is missing."""
+    if bpe_dir is None:
+        return []
+    files = [pathlib.Path(bpe_dir) / name for name in BPE_FILES]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"--bpe-dir {bpe_dir}: {', '.join(missing)} not found: give the folder holding GPT-2's "
+                        "encoder.json and vocab.bpe")
+    return files
+
+
+def bpe_folder(path: str | os.PathLike) -> pathlib.Path | None:
+    """The checkpoint folder when it carries encoder.json and vocab.bpe (converted with --bpe-dir), else None."""
+    path = pathlib.Path(path)
+    return path if all((path / name).is_file() for name in BPE_FILES) else None
 
 
 def dictionary_path(path: str | os.PathLike) -> pathlib.Path | None:
@@ -311,7 +333,8 @@ def iter_addressable_blocks(params) -> Iterator[tuple[LeafPath, tuple, np.ndarra
 
 
 def save_params(params, out_dir: str | os.PathLike, cfg: ModelConfig,
-                dictionary_path: str | os.PathLike | None = None, dtype: str | None = None) -> pathlib.Path:
+                dictionary_path: str | os.PathLike | None = None, dtype: str | None = None,
+                bpe_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Save in-memory (sharded) jax params, one addressable shard at a time. Single-process only.
 
     dtype: storage dtype (default: the params' own dtype).
@@ -320,7 +343,7 @@ def save_params(params, out_dir: str | os.PathLike, cfg: ModelConfig,
         raise NotImplementedError("save_params writes from one process; multi-host export is not implemented")
     if dtype is None:
         dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype).name
-    with ParamsWriter(out_dir, cfg, dictionary_path, dtype=dtype) as w:
+    with ParamsWriter(out_dir, cfg, dictionary_path, dtype=dtype, bpe_dir=bpe_dir) as w:
         for path, index, block in iter_addressable_blocks(params):
             w.write(path, index, block)
     return pathlib.Path(out_dir)
