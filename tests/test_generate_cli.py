@@ -99,7 +99,7 @@ def test_cli_json_in_input_order(ckpts, capsys, monkeypatch, tmp_path):
 @pytest.mark.parametrize("argv, stdin, message", [
     (["--prompt-ids"], "2 5000\n", "outside the vocabulary"),
     (["--prompt-ids"], "2 5\n\n", "empty"),
-    (["--prompt-ids", "--max-new-tokens", "100"], "2 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 "
+    (["--prompt-ids", "--max-new-tokens", "120"], "2 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 "
                                                  "29 30\n", "positions"),
     (["--beam", "2", "--sampling"], "hi\n", "--sampling"),
     (["--bare"], "hello\n", "--bpe-dir"),
