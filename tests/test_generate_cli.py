@@ -117,7 +117,7 @@ def test_cli_bad_input_is_one_line(ckpts, argv, stdin, message):
 
 def test_bpe_dir_errors_and_bare_checkpoint(ckpts, tmp_path):
     with pytest.raises(UserError, match="encoder.json"):
-        save_params({}, tmp_path / "x", CFG, bpe_dir=tmp_path)
+        save_params({}, tmp_path / "x", CFG, dtype="float32", bpe_dir=tmp_path)
     lm = LanguageModel.load(ckpts["bare"], model_parallel_size=1, bpe_dir=ckpts["bpe"])
     with pytest.raises(UserError, match="dict.txt"):
         lm.encode("hello")
