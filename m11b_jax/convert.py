@@ -514,8 +514,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype (default float32; with --to-fairseq: the checkpoint's own)")
     p.add_argument("--verify", action="store_true",
                    help="before publishing OUT, load it on the available devices and check one forward pass")
-    p.add_argument("--bpe-dir", help="folder with GPT-2's encoder.json and vocab.bpe, stored in OUT beside dict.txt "
-                                     "so text generation and LanguageModel.load(OUT) need nothing else")
     p.add_argument("--to-fairseq", nargs=2, metavar=("CKPT", "OUTDIR"),
                    help="write our checkpoint CKPT as fairseq shards into OUTDIR")
     p.add_argument("--model-parallel-size", type=int, help="number of shards to write with --to-fairseq")
@@ -525,8 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --to-fairseq: PyTorch's pre-1.6 (non-zip) serialization, as the release used")
     p.add_argument("--to-hf", nargs=2, metavar=("CKPT", "OUTDIR"),
                    help="write CKPT as a Hugging Face XGLMForCausalLM directory OUTDIR (safetensors)")
-    p.add_argument("--bpe-dir", help="with --to-hf: folder with GPT-2's encoder.json and vocab.bpe, to also write "
-                                     "a tokenizer whose ids are the checkpoint's dictionary ids")
+    p.add_argument("--bpe-dir", help="folder with GPT-2's encoder.json and vocab.bpe: with SRC OUT, stored in OUT "
+                                     "beside dict.txt (text generation and LanguageModel.load(OUT) need nothing "
+                                     "else); with --to-hf, also write a tokenizer whose ids are the dictionary ids")
     p.add_argument("--max-shard-size", default="5GB",
                    help="with --to-hf: largest safetensors file before splitting (default 5GB)")
     p.add_argument("--from-hf", nargs=2, metavar=("HFDIR", "OUT"),
@@ -557,9 +556,9 @@ def main(argv=None) -> None:
             cfg = hf.import_hf(*args.from_hf, dtype=args.dtype)
             print(f"wrote {args.from_hf[1]}: {cfg.name}, {cfg.num_params() / 1e9:.3f}B parameters")
         return
-    if args.bpe_dir:
-        parser.error("--bpe-dir goes with --to-hf")
     if args.to_fairseq:
+        if args.bpe_dir:
+            parser.error("--bpe-dir goes with --to-hf or with SRC OUT")
         if args.src or args.out or args.verify:
             parser.error("--to-fairseq CKPT OUTDIR takes no SRC OUT and no --verify")
         if args.model_parallel_size is None:
