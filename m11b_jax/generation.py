@@ -28,7 +28,9 @@ the same tokens on any mesh and in any batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from functools import partial
 from typing import Sequence
 
@@ -36,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from m11b_jax import sharding
 from m11b_jax.axis_names import BATCH
@@ -210,9 +213,22 @@ class Generator:
     # the whole search in one compiled call
 
     def generate(self, prompts: Sequence[Sequence[int]], options: SearchOptions = SearchOptions(),
-                 batch_size: int | None = None) -> list[Generation]:
-        """Decode every prompt (lists of dictionary ids, used as given); results in input order."""
+                 batch_size: int | None = None, *, seeds: Sequence[int] | None = None,
+                 listener=None) -> list[Generation]:
+        """Decode every prompt (lists of dictionary ids, used as given); results in input order.
+
+        seeds: one sampling seed per prompt, each prompt then drawing what it would draw as the only prompt of a
+        call with that seed (a server's independent requests); default: options.seed, prompt i drawing as the
+        i-th prompt.
+        listener: `listener(step, tokens, done) -> stop`, called on the host after every step of greedy or
+        sampling search with that step's tokens [rows] (pad for a row that had already ended) and which rows
+        have ended [rows]; rows where the bool array it returns is true end there (streaming, stop strings,
+        a client gone). Rows past the prompts are padding: stop them."""
         opts = options.validate()
+        if listener is not None and opts.beam > 1:
+            raise UserError("a step listener (streaming) works with greedy search and sampling, not --beam")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise UserError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
         prompts = check_prompts(prompts, self.cfg, opts.max_new_tokens)
         data = sharding.mesh_size(self.mesh, sharding.mesh_axes(BATCH, self.rules))  # the batch's shards
         per_call = len(prompts) if batch_size is None else batch_size
@@ -228,28 +244,38 @@ class Generator:
             plen = bucket(max(len(p) for p in chunk))
             clen = bucket(plen + opts.max_new_tokens)
             tokens = left_pad(chunk, rows, plen, self.cfg.pad_idx)
-            row_ids = np.arange(start, start + rows, dtype=np.int32)
-            out, lengths, scores = self._search(tokens, row_ids, clen, opts)
+            if seeds is None:
+                row_seeds, row_ids = np.full(rows, opts.seed, np.uint32), np.arange(start, start + rows, dtype=np.int32)
+            else:
+                row_seeds = np.zeros(rows, np.uint32)
+                row_seeds[:len(chunk)] = seeds[start:start + len(chunk)]
+                row_ids = np.zeros(rows, np.int32)
+            out, lengths, scores = self._search(tokens, row_ids, row_seeds, clen, opts, listener)
             out, lengths, scores = np.asarray(out), np.asarray(lengths), np.asarray(scores)
             for i, p in enumerate(chunk):
                 results.append(Generation(p, out[i, :lengths[i]].tolist(), float(scores[i])))
         return results
 
-    def _search(self, tokens, row_ids, clen: int, opts: SearchOptions):
+    def _search(self, tokens, row_ids, row_seeds, clen: int, opts: SearchOptions, listener=None):
         rows, plen = tokens.shape
         n_out = clen - plen
-        key = ("search", rows, plen, clen, dataclasses.replace(opts, max_new_tokens=0, seed=0))
+        listen = listener is not None
+        key = ("search", rows, plen, clen, dataclasses.replace(opts, max_new_tokens=0, seed=0), listen)
         if key not in self._compiled:
-            fn = partial(_beam_search if opts.beam > 1 else _token_search, self, opts=opts, clen=clen, n_out=n_out)
+            fn = partial(_beam_search if opts.beam > 1 else _token_search, self, opts=opts, clen=clen, n_out=n_out,
+                         listen=listen)
             self._compiled[key] = jax.jit(fn)
         self.cache_shardings(rows * opts.beam, clen)
         self.cache_shardings(rows, clen)
         batch = sharding.batch_sharding(self.mesh, 2, rules=self.rules)
         with sharding.activate(self.mesh, self.rules), _precision(self.cfg):
             tokens = jax.device_put(tokens, batch)
-            row_ids = jax.device_put(row_ids, sharding.batch_sharding(self.mesh, 1, rules=self.rules))
-            return self._compiled[key](self.params, tokens, row_ids, jnp.int32(opts.max_new_tokens),
-                                       jnp.uint32(opts.seed))
+            batch_rows = sharding.batch_sharding(self.mesh, 1, rules=self.rules)
+            row_ids = jax.device_put(row_ids, batch_rows)
+            row_seeds = jax.device_put(row_seeds, batch_rows)
+            with _listening(listener) as call_id:
+                return jax.block_until_ready(self._compiled[key](
+                    self.params, tokens, row_ids, jnp.int32(opts.max_new_tokens), row_seeds, jnp.int32(call_id)))
 
 
 def _precision(cfg: ModelConfig):
@@ -263,12 +289,40 @@ def _zero_cache(gen: Generator, rows: int, clen: int):
                         shapes, shardings)
 
 
-def _token_search(gen: Generator, params, tokens, row_ids, max_new, seed, *, opts: SearchOptions, clen: int,
-                  n_out: int):
+# Step listeners of the calls in flight, by call id: the compiled search calls back into `_dispatch` with its id.
+_LISTENERS: dict[int, object] = {}
+_NEXT_CALL = [0]
+_LISTENERS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _listening(listener):
+    if listener is None:
+        yield 0
+        return
+    with _LISTENERS_LOCK:
+        _NEXT_CALL[0] += 1
+        call_id = _NEXT_CALL[0]
+        _LISTENERS[call_id] = listener
+    try:
+        yield call_id
+    finally:
+        with _LISTENERS_LOCK:
+            del _LISTENERS[call_id]
+
+
+def _dispatch(call_id, step, tokens, done):
+    stop = _LISTENERS[int(call_id)](int(step), np.asarray(tokens), np.asarray(done))
+    return np.asarray(stop, dtype=bool).reshape(np.shape(done))
+
+
+def _token_search(gen: Generator, params, tokens, row_ids, max_new, row_seeds, call_id, *, opts: SearchOptions,
+                  clen: int, n_out: int, listen: bool = False):
     """Greedy or sampling: prefill, then a while_loop of one model step per token."""
     pad = gen.cfg.pad_idx
     rows = tokens.shape[0]
-    row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(row_ids) if opts.sampling else None
+    row_keys = (jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(row_seeds, row_ids)
+                if opts.sampling else None)
 
     def pick(logits, i):
         """Greedy or sampled next token per row: (tokens [rows], their log-probs [rows])."""
@@ -289,6 +343,9 @@ def _token_search(gen: Generator, params, tokens, row_ids, max_new, seed, *, opt
         total = total + jnp.where(done, 0.0, lp)
         length = length + (~done).astype(jnp.int32)
         done = done | (tok == EOS)
+        if listen:  # the host sees this step's tokens and may end rows
+            seen = [jax.lax.with_sharding_constraint(x, sharding.replicated(gen.mesh)) for x in (tok, done)]
+            done = done | io_callback(_dispatch, jax.ShapeDtypeStruct(done.shape, jnp.bool_), call_id, i, *seen)
         return cache, i + 1, out, done, total, length
 
     logits, cache = gen._apply(params, _zero_cache(gen, rows, clen), tokens)
@@ -308,10 +365,10 @@ def _token_search(gen: Generator, params, tokens, row_ids, max_new, seed, *, opt
     return out, length, total
 
 
-def _beam_search(gen: Generator, params, tokens, row_ids, max_new, seed, *, opts: SearchOptions, clen: int,
-                 n_out: int):
+def _beam_search(gen: Generator, params, tokens, row_ids, max_new, row_seeds, call_id, *, opts: SearchOptions,
+                 clen: int, n_out: int, listen: bool = False):
     """Beam search (see the module docstring) over rows x beam cache rows."""
-    del row_ids, seed
+    del row_ids, row_seeds, call_id, listen
     pad, k = gen.cfg.pad_idx, opts.beam
     b = tokens.shape[0]
     logits, cache = gen._apply(params, _zero_cache(gen, b, clen), tokens)
