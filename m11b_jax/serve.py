@@ -266,6 +266,7 @@ class Scheduler:
         self.engine = engine
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.batches = 0
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="m11b-scheduler", daemon=True)
         self._thread.start()
 
@@ -279,9 +280,18 @@ class Scheduler:
         except queue.Full:
             raise HTTPError(429, f"the server's queue is full ({self.queue.maxsize} requests): retry later") from None
 
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish the batch in flight, then stop the thread (queued requests are not decoded)."""
+        self._closing = True
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         pending: list[Completion] = []
-        while True:
+        while not self._closing:
             if not pending:
                 pending.append(self.queue.get())
             while True:  # everything that has arrived joins this batch
@@ -289,7 +299,9 @@ class Scheduler:
                     pending.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            pending = [c for c in pending if not c.cancelled.is_set()]
+            pending = [c for c in pending if c is not None and not c.cancelled.is_set()]
+            if self._closing:
+                break
             if not pending:
                 continue
             key = pending[0].search_key
@@ -452,6 +464,12 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
     verbose = False
 
+    def close(self) -> None:
+        """Stop serving (call from another thread than serve_forever's), let the decode in flight end."""
+        self.shutdown()
+        self.server_close()
+        self.RequestHandlerClass.scheduler.close()
+
 
 def make_server(lm, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
                 max_new_tokens_limit: int = 256, max_queue: int = 64, model_name: str = "m11b") -> Server:
@@ -520,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pass
     finally:
         server.server_close()
+        server.RequestHandlerClass.scheduler.close()
 
 
 if __name__ == "__main__":

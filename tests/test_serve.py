@@ -46,8 +46,7 @@ def served(ckpt):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield lm, server.server_address[1], server
-    server.shutdown()
-    server.server_close()
+    server.close()
 
 
 def _post(port, path, body, raw: bytes | None = None):
@@ -76,12 +75,10 @@ def _stream(port, body):
     return text, reasons, chunks
 
 
-def _cli(ckpt, prompt, capsys, monkeypatch, *flags):
-    import io
-    import sys
-
-    monkeypatch.setattr(sys, "stdin", io.StringIO(prompt + "\n"))
-    generate_main(["--path", str(ckpt), "--model-parallel-size", "8", "--json", *flags])
+def _cli(ckpt, prompt, capsys, tmp_path, *flags):
+    (tmp_path / "prompt.txt").write_text(prompt + "\n")
+    generate_main(["--path", str(ckpt), "--input", str(tmp_path / "prompt.txt"), "--model-parallel-size", "8",
+                   "--json", *flags])
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -90,12 +87,12 @@ def _cli(ckpt, prompt, capsys, monkeypatch, *flags):
     ({"temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 7},
      ["--sampling", "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9", "--seed", "7"]),
 ])
-def test_completion_equals_generate_cli(served, ckpt, capsys, monkeypatch, options, flags):
+def test_completion_equals_generate_cli(served, ckpt, capsys, tmp_path, options, flags):
     """A completion is what `python -m m11b_jax.generate` gives with the same options; streaming gives the same text."""
     lm, port, _ = served
     status, out = _post(port, "/v1/completions", {"prompt": " of the", "max_tokens": 12, **options})
     assert status == 200, out
-    ref = _cli(ckpt, " of the", capsys, monkeypatch, "--max-new-tokens", "12", *flags)
+    ref = _cli(ckpt, " of the", capsys, tmp_path, "--max-new-tokens", "12", *flags)
     choice = out["choices"][0]
     assert choice["text"] == ref["text"]
     assert choice["finish_reason"] == ("stop" if ref["tokens"][-1:] == [2] else "length")
@@ -145,7 +142,11 @@ def test_client_leaving_mid_stream_frees_its_row(served):
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    assert b"data: " in sock.recv(4096)  # the first event arrived
+    received = b""
+    while b"data: " not in received:  # the headers, then the first event
+        chunk = sock.recv(4096)
+        assert chunk, received
+        received += chunk
     sock.close()
     deadline = time.time() + 120
     while scheduler.cancelled_rows == before and time.time() < deadline:
