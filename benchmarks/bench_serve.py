@@ -2,9 +2,10 @@
 
     python benchmarks/bench_serve.py [--clients 16] [--max-tokens 32] [--d-model 256] [--layers 4]
         [--screenshot benchmarks/serve_demo.png]
+    python benchmarks/bench_serve.py --arch transformer_lm_megatron_11b --dtype bfloat16   # on one GPU: the 11B
 
-A small random model (GPT-2 BPE, the first 1020 symbols of ../shared/data's dict.txt) is saved, loaded with
-`LanguageModel.load` on this host's devices and served by `m11b_jax.serve` in this process (buckets compiled at
+A random model (GPT-2 BPE, the first vocab - 4 symbols of ../shared/data's dict.txt, or dict.51200.txt for the
+release's vocabulary), made on one device as a `LanguageModel`, is served by `m11b_jax.serve` in this process (buckets compiled at
 start-up). Each client sends one greedy completion of `--max-tokens` new tokens (a `stop` that never matches keeps
 every row going to its limit). Prints one JSON object: tokens/s one at a time, tokens/s with all clients at
 once, their ratio (the goal: >= 4), batches the scheduler ran, and the time to the first streamed token of a
@@ -82,23 +83,33 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--arch", help="a config name instead of the small model (random weights of that size)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--screenshot", type=pathlib.Path)
     a = p.parse_args()
+
+    import jax
 
     from m11b_jax import LanguageModel
     from m11b_jax import sharding as S
     from m11b_jax.config import load_config
-    from m11b_jax.params_io import save_params
+    from m11b_jax.dictionary import Dictionary
     from m11b_jax.serve import make_server, warm_up
+    from m11b_jax.tokenizer import GPT2BPE
 
-    cfg = load_config("tiny", d_model=a.d_model, ffn_dim=4 * a.d_model, num_layers=a.layers, num_heads=4,
-                      max_positions=256, dropout=0.0, attention_dropout=0.0)
+    if a.arch:
+        cfg = load_config(a.arch, dropout=0.0, attention_dropout=0.0, param_dtype=a.dtype, compute_dtype=a.dtype)
+    else:
+        cfg = load_config("tiny", d_model=a.d_model, ffn_dim=4 * a.d_model, num_layers=a.layers, num_heads=4,
+                          max_positions=256, dropout=0.0, attention_dropout=0.0)
     root = pathlib.Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    lines = (DATA / "gpt2_bpe" / "dict.txt").read_text().splitlines()[: cfg.vocab_size - 4]
+    dict_file = "dict.51200.txt" if cfg.vocab_size == 51200 else "dict.txt"
+    lines = (DATA / "gpt2_bpe" / dict_file).read_text().splitlines()[: cfg.vocab_size - 4]
     (root / "dict.txt").write_text("\n".join(lines) + "\n")
-    params = S.init_params(cfg, S.make_mesh(1), S.logical_rules(), seed=0)
-    ckpt = save_params(params, root / "ckpt", cfg, dictionary_path=root / "dict.txt", bpe_dir=DATA / "gpt2_bpe")
-    lm = LanguageModel.load(ckpt, model_parallel_size=1)
+    mesh, rules = S.make_mesh(1, jax.devices()[:1]), S.logical_rules()
+    params = S.init_params(cfg, mesh, rules, seed=0)  # made on the device: the 11B is never on the host
+    lm = LanguageModel(cfg, params, mesh, rules, Dictionary.load(root / "dict.txt"),
+                       GPT2BPE.from_files(DATA / "gpt2_bpe" / "encoder.json", DATA / "gpt2_bpe" / "vocab.bpe"))
     t0 = time.perf_counter()
     warm_up(lm, a.clients, a.max_tokens, log=lambda m: None)
     compile_s = time.perf_counter() - t0
@@ -129,7 +140,8 @@ def main() -> None:
         screenshot(port, a.screenshot)
     server.close()
     print(json.dumps({
-        "model": {"d_model": cfg.d_model, "layers": cfg.num_layers, "vocab": cfg.vocab_size},
+        "model": {"d_model": cfg.d_model, "layers": cfg.num_layers, "vocab": cfg.vocab_size, "dtype": a.dtype},
+        "device": jax.devices()[0].device_kind,
         "clients": a.clients, "max_tokens": a.max_tokens, "warmup_compile_s": round(compile_s, 1),
         "tokens": tokens, "sequential_tokens_per_s": round(tokens / sequential_s, 1),
         "concurrent_tokens_per_s": round(tokens / concurrent_s, 1),
