@@ -91,7 +91,8 @@ def main() -> None:
     import jax
 
     from m11b_jax import LanguageModel
-    from m11b_jax import sharding as S
+    from m11b_jax import sharding
+    from m11b_jax.param_tree import init_params
     from m11b_jax.config import load_config
     from m11b_jax.dictionary import Dictionary
     from m11b_jax.serve import make_server, warm_up
@@ -106,8 +107,8 @@ def main() -> None:
     dict_file = "dict.51200.txt" if cfg.vocab_size == 51200 else "dict.txt"
     lines = (DATA / "gpt2_bpe" / dict_file).read_text().splitlines()[: cfg.vocab_size - 4]
     (root / "dict.txt").write_text("\n".join(lines) + "\n")
-    mesh, rules = S.make_mesh(1, jax.devices()[:1]), S.logical_rules()
-    params = S.init_params(cfg, mesh, rules, seed=0)  # made on the device: the 11B is never on the host
+    mesh, rules = sharding.make_mesh(1, jax.devices()[:1]), sharding.logical_rules()
+    params = init_params(cfg, mesh, rules, seed=0)  # made on the device: the 11B is never on the host
     lm = LanguageModel(cfg, params, mesh, rules, Dictionary.load(root / "dict.txt"),
                        GPT2BPE.from_files(DATA / "gpt2_bpe" / "encoder.json", DATA / "gpt2_bpe" / "vocab.bpe"))
     t0 = time.perf_counter()

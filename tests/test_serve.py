@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from m11b_jax import LanguageModel
-from m11b_jax import sharding as S
+from m11b_jax import sharding
+from m11b_jax.param_tree import init_params
 from m11b_jax.config import load_config
 from m11b_jax.generate import main as generate_main
 from m11b_jax.generation import SearchOptions
@@ -33,7 +34,7 @@ def ckpt(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("serve")
     lines = (shared_data / "gpt2_bpe" / "dict.txt").read_text().splitlines()[: CFG.vocab_size - 4]
     (root / "dict.txt").write_text("\n".join(lines) + "\n")
-    params = S.init_params(CFG, S.make_mesh(1), S.logical_rules(), seed=5)
+    params = init_params(CFG, sharding.make_mesh(1), sharding.logical_rules(), seed=5)
     return save_params(params, root / "ckpt", CFG, dictionary_path=root / "dict.txt",
                        bpe_dir=shared_data / "gpt2_bpe")
 
