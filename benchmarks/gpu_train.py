@@ -125,7 +125,7 @@ def main():
     dev = jax.devices()[0]
     print(json.dumps({"jax": jax.__version__, "device": dev.device_kind, "platform": dev.platform}), flush=True)
     start = time.perf_counter()
-    for v in args.variants.split(","):
+    for v in filter(None, args.variants.split(",")):
         if time.perf_counter() - start > args.budget_s:
             print(json.dumps({"skipped": v, "reason": "time budget"}), flush=True)
             continue
