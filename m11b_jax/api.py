@@ -21,18 +21,6 @@ import numpy as np
 from m11b_jax.errors import UserError
 
 
-def _default_model_parallel(cfg, n_devices: int) -> int:
-    """The largest divisor of the device count the config can be split over."""
-    for mp in range(n_devices, 0, -1):
-        if n_devices % mp == 0:
-            try:
-                cfg.validate(mp)
-                return mp
-            except UserError:
-                continue
-    return 1
-
-
 class LanguageModel:
     """A checkpoint laid out on a (data, model) mesh of this host's devices, with its dictionary and BPE."""
 
@@ -55,6 +43,7 @@ class LanguageModel:
 
         from m11b_jax import params_io
         from m11b_jax import sharding
+        from m11b_jax.config import largest_model_parallel
         from m11b_jax.dictionary import Dictionary
         from m11b_jax.params_io import load_checkpoint
         from m11b_jax.runtime import retain_host_memory_on_cpu
@@ -62,7 +51,7 @@ class LanguageModel:
         devices = list(jax.devices() if devices is None else devices)
         if model_parallel_size is None:
             cfg0 = _stored_config(path)
-            model_parallel_size = _default_model_parallel(cfg0, len(devices))
+            model_parallel_size = largest_model_parallel(cfg0, len(devices))
         mesh = sharding.make_mesh(model_parallel_size, devices)
         retain_host_memory_on_cpu(mesh)
         rules = sharding.logical_rules()
@@ -193,13 +182,9 @@ def _stored_config(path):
     """The model config of a checkpoint directory, without loading it (for the default model-parallel size)."""
     from m11b_jax import checkpoint as train_ckpt
     from m11b_jax import params_io
-    from m11b_jax.config import ModelConfig
 
     path = pathlib.Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint not found: {path} (give the directory written by python -m m11b_jax.convert)")
-    if train_ckpt.is_step_dir(path) or train_ckpt.list_steps(path):
-        root, update = (path.parent, int(path.name)) if train_ckpt.is_step_dir(path) else \
-            (path, train_ckpt.list_steps(path)[-1])
-        return ModelConfig.from_dict(train_ckpt.read_meta(root, update)["model_config"])
-    return params_io.load_model_config(path)
+    point = train_ckpt.training_point(path)
+    return train_ckpt.stored_model_config(*point) if point else params_io.load_model_config(path)

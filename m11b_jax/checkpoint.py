@@ -24,6 +24,7 @@ import signal
 import time
 from typing import Any, Callable
 
+from m11b_jax.config import ModelConfig
 from m11b_jax.errors import UserError
 
 META_VERSION = 1
@@ -125,6 +126,26 @@ def list_steps(directory: pathlib.Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and is_step_dir(p))
+
+
+def training_point(path: str | os.PathLike) -> tuple[pathlib.Path, int] | None:
+    """(save dir, update) of a training checkpoint: one update's directory, or a --save-dir (its newest update);
+    None when `path` is neither."""
+    path = pathlib.Path(path)
+    if is_step_dir(path):
+        return path.parent, int(path.name)
+    steps = list_steps(path)
+    return (path, steps[-1]) if steps else None
+
+
+def stored_model_config(root: pathlib.Path, update: int) -> ModelConfig:
+    """The model config a training checkpoint was saved with."""
+    meta = read_meta(root, update)
+    try:
+        return ModelConfig.from_dict(meta["model_config"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{root / str(update)}: no usable model config in its metadata ({e}): "
+                        "the checkpoint is damaged") from None
 
 
 def read_meta(root: pathlib.Path, update: int) -> dict:

@@ -150,6 +150,18 @@ class ModelConfig:
         return cls(**d)
 
 
+def largest_model_parallel(cfg: ModelConfig, n_devices: int) -> int:
+    """The largest divisor of the device count the config can be split over (1 at least)."""
+    for mp in range(n_devices, 0, -1):
+        if n_devices % mp == 0:
+            try:
+                cfg.validate(mp)
+                return mp
+            except UserError:
+                continue
+    return 1
+
+
 def available_archs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 

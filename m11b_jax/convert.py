@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from m11b_jax.config import DTYPES, ModelConfig
+from m11b_jax.config import DTYPES, ModelConfig, largest_model_parallel
 from m11b_jax.dictionary import EOS, Dictionary
 from m11b_jax import fsutil
 from m11b_jax.errors import UserError, cli_main
@@ -419,17 +419,6 @@ def export_fairseq(ckpt, outdir, model_parallel_size: int, dtype: str | None = N
 # ---- --verify -----------------------------------------------------------------------------------------
 
 
-def _model_parallel_for(cfg: ModelConfig, n_devices: int) -> int:
-    for mp in range(n_devices, 0, -1):
-        if n_devices % mp == 0:
-            try:
-                cfg.validate(mp)
-                return mp
-            except UserError:
-                continue
-    return 1
-
-
 def verify_tokens(dictionary: Dictionary, max_positions: int, k: int = 32) -> tuple[np.ndarray, int]:
     """[</s>, S, S] with S the k most frequent dictionary symbols (k shrunk to fit); returns (tokens, k)."""
     ranked = sorted(range(dictionary.nspecial, len(dictionary)), key=lambda i: -dictionary.counts[i])
@@ -459,7 +448,7 @@ def verify_checkpoint(path, devices=None, log=_log, strict: bool = True) -> dict
 
     cfg = load_model_config(path)
     devices = list(jax.devices() if devices is None else devices)
-    mp = _model_parallel_for(cfg, len(devices))
+    mp = largest_model_parallel(cfg, len(devices))
     mesh, rules = make_mesh(mp, devices), logical_rules()
     params = load_params(path, mesh, rules)
     dict_file = dictionary_path(path)

@@ -397,16 +397,8 @@ def is_fairseq_checkpoint(path: pathlib.Path) -> bool:
 
 def load_training_checkpoint(path: pathlib.Path, mesh, rules, dtype: str):
     """(config, params, None) of an orbax training checkpoint (see load_checkpoint), cast to `dtype` on `mesh`."""
-    if train_checkpoint.is_step_dir(path):
-        root, update = path.parent, int(path.name)
-    else:
-        root, update = path, train_checkpoint.list_steps(path)[-1]
-    meta = train_checkpoint.read_meta(root, update)
-    try:
-        stored = ModelConfig.from_dict(meta["model_config"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{root / str(update)}: no usable model config in its metadata ({e}): "
-                        "the checkpoint is damaged") from None
+    root, update = train_checkpoint.training_point(path)
+    stored = train_checkpoint.stored_model_config(root, update)
     params = train_checkpoint.restore_params(root, update, abstract_params(stored, mesh, rules))
     cfg = eval_config(stored, dtype)
     cast = jax.jit(lambda tree: jax.tree.map(lambda leaf: leaf.astype(dtype), tree),

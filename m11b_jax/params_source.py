@@ -40,20 +40,13 @@ def open_params_source(path: str | os.PathLike) -> ParamsSource:
         raise UserError(f"checkpoint not found: {path}")
     if (path / META_FILE).is_file():
         return ParamsSource(ParamsReader(path), load_model_config(path), dictionary_path(path), f"params checkpoint {path}")
-    if train_ckpt.is_step_dir(path):
-        root, update = path.parent, int(path.name)
-    else:
-        steps = train_ckpt.list_steps(path)
-        if not steps:
-            raise UserError(f"{path} is not a checkpoint: neither an m11b_jax params checkpoint (no {META_FILE}) nor a "
-                            "training checkpoint (a --save-dir holding <update>/state, or one such <update> dir)")
-        root, update = path, steps[-1]
+    point = train_ckpt.training_point(path)
+    if point is None:
+        raise UserError(f"{path} is not a checkpoint: neither an m11b_jax params checkpoint (no {META_FILE}) nor a "
+                        "training checkpoint (a --save-dir holding <update>/state, or one such <update> dir)")
+    root, update = point
+    cfg = train_ckpt.stored_model_config(root, update)
     meta = train_ckpt.read_meta(root, update)
-    try:
-        cfg = ModelConfig.from_dict(meta["model_config"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{root / str(update)}: no usable model config in its metadata ({e}): "
-                        "the checkpoint is damaged") from None
     reader = TrainingParamsReader(root / str(update), cfg)
     dict_file = pathlib.Path(meta.get("data_path") or "/nonexistent") / "dict.txt"
     return ParamsSource(reader, cfg, dict_file if dict_file.is_file() else None,
