@@ -186,7 +186,7 @@ class Steps:
                "step_s": round(dt, 4), "tokens_per_s": round(batch * self.seq / dt),
                "mfu": round(flops / dt / peak, 4) if peak else None,
                "mfu_full_attention": round(analytic_train_flops(cfg, batch, self.seq) / dt / peak, 4) if peak else None,
-               "compiled_gib": round(aot.memory(compiled)["total"] / 2**30, 2),
+               "compiled_gib": round(aot.memory(compiled)["total"] / 2**30, 4),
                "peak_device_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 2),
                "loss": round(float(m["loss"]), 4), "compile_s": round(compile_s, 1)}
         score = row["tokens_per_s"]
