@@ -14,9 +14,9 @@ from m11b_jax.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention", "save_attention_bf16")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention")
 # The remat policies that keep matmul outputs: they must see each projection as a plain `dot_general`.
-MATMUL_SAVING_POLICIES = ("save_dots", "save_dots_no_batch", "save_attention", "save_attention_bf16")
+MATMUL_SAVING_POLICIES = ("save_dots", "save_dots_no_batch", "save_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("autodiff", "manual", "flash", "cudnn")
 LOSS_IMPLS = ("logits", "fused")

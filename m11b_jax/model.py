@@ -17,7 +17,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from m11b_jax.attention import causal_allowed_at, causal_attention
 from m11b_jax.axis_names import (ACTIVATION_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, MLP, RESIDUAL_LENGTH,
@@ -27,24 +26,12 @@ from m11b_jax.flash_attention import SAVE_ATTENTION_POLICY, dropout_seed, fused_
 from m11b_jax.init_rules import embedding_init, projection_inits
 from m11b_jax.ops import dropout_16bit, keep_mask_16bit, projection_dot_general
 
-# checkpoint_name tags of the compute-dtype matmul inputs the remat policy "save_attention_bf16" also keeps.
-LAYER_NORM_OUT, GELU_INPUT = "layer_norm_out", "gelu_input"
-
-
-def _save_attention_bf16(prim, *avals, **params) -> bool:
-    """"save_attention" plus the LayerNorm outputs and the GELU input as the compute-dtype values the matmuls
-    take (by name), so the backward reads them instead of recomputing them from the fp32 residual stream."""
-    return SAVE_ATTENTION_POLICY(prim, *avals, **params) or (
-        prim.name == "name" and params.get("name") in (LAYER_NORM_OUT, GELU_INPUT))
-
-
 # What the backward pass of each remat policy (config REMAT_POLICIES, "none" aside) may keep from the forward.
 _REMAT_SAVEABLE = {
     "full": None,  # nothing but the layer input: the whole layer is recomputed
     "save_dots": jax.checkpoint_policies.dots_saveable,  # every matmul output
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections, not scores
     "save_attention": SAVE_ATTENTION_POLICY,  # projections + fused attention's output and lse: no attention re-run
-    "save_attention_bf16": _save_attention_bf16,  # save_attention + the compute-dtype LayerNorm outputs, GELU input
 }
 
 
@@ -206,14 +193,14 @@ class DecoderLayer(nn.Module):
         residual = (BATCH, RESIDUAL_LENGTH, ACTIVATION_EMBED)
         x = nn.with_logical_constraint(x, residual)
 
-        h = checkpoint_name(_layer_norm(cfg, "self_attn_layer_norm")(x).astype(cdt), LAYER_NORM_OUT)
+        h = _layer_norm(cfg, "self_attn_layer_norm")(x).astype(cdt)
         h = SelfAttention(cfg, self.decode, name="self_attn")(h, key_mask, deterministic, index)
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
 
-        h = checkpoint_name(_layer_norm(cfg, "final_layer_norm")(x).astype(cdt), LAYER_NORM_OUT)
+        h = _layer_norm(cfg, "final_layer_norm")(x).astype(cdt)
         h = _projection(h, cfg.ffn_dim, (EMBED, MLP), cfg, "fc1", column_parallel=True)
-        h = checkpoint_name(nn.with_logical_constraint(h, (BATCH, TP_LENGTH, MLP)), GELU_INPUT)
+        h = nn.with_logical_constraint(h, (BATCH, TP_LENGTH, MLP))
         h = gelu_erf(h.astype(jnp.float32)).astype(cdt)  # exact erf GELU in fp32
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
         h = _projection(h, cfg.d_model, (MLP, EMBED), cfg, "fc2", column_parallel=False)
