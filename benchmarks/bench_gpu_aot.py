@@ -18,8 +18,8 @@ For each setting it compiles the whole train step (forward, backward, Adam) and 
 Settings: 1.3B (configs/megatron_1p3b.json, bf16 compute, batch 16 x 1024, one GPU): today's default
 (attention autodiff + remat save_dots_no_batch) against flash + save_attention (dropout 0.1) and cudnn +
 save_attention (dropout 0); `--rows` picks which of these to compile. 11B release step (8 x 1024 tokens, mesh
-(1, 8), full remat + sequence parallelism): autodiff vs flash. Goals: 1.3B non-matmul traffic >= 2x lower than today's; no [B,H,T,T] arrays; 11B flash
-<= 22 GiB per device.
+(1, 8), full remat + sequence parallelism): autodiff vs flash. Goals: 1.3B non-matmul traffic >= 2x lower than
+today's; no [B,H,T,T] arrays; 11B flash <= 22 GiB per device.
 """
 
 from __future__ import annotations
