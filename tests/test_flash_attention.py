@@ -1,6 +1,7 @@
 """attention_impl="flash" (m11b_jax.flash_attention): the Pallas kernels, run here in interpret mode, against a
 plain-JAX reference that builds the same hash dropout mask; the mask as a pure function of global indices
-(mesh- and resume-independent); the "save_attention" remat policy; config and platform errors.
+(mesh- and resume-independent, also through the train step); the "save_attention" remat policy; config and
+platform errors.
 
 Interpret mode compiles slowly, so shapes are tiny and each test compiles one program."""
 
@@ -141,6 +142,15 @@ def test_config_and_platform_errors():
     load_config("tiny", attention_impl="cudnn", compute_dtype="bfloat16", attention_dropout=0.0).validate()
     with pytest.raises(UserError, match="needs an NVIDIA GPU"):
         F.check_platform("cudnn", "cpu")
+    # a CPU-only run: the train step refuses cudnn before compiling anything, and warns for flash
+    from m11b_jax.train_step import OptimConfig, make_train_step
+
+    mesh = S.make_mesh(1, jax.devices()[:1])
+    cudnn = load_config("tiny", attention_impl="cudnn", compute_dtype="bfloat16", attention_dropout=0.0)
+    with pytest.raises(UserError, match="needs an NVIDIA GPU"):
+        make_train_step(cudnn, mesh, S.logical_rules(), OptimConfig())
+    with pytest.warns(UserWarning, match="interpret mode"):
+        make_train_step(cudnn.replace(attention_impl="flash"), mesh, S.logical_rules(), OptimConfig())
     with pytest.warns(UserWarning, match="interpret mode"):
         F.check_platform("flash", "cpu")
     with warnings.catch_warnings():
@@ -149,3 +159,47 @@ def test_config_and_platform_errors():
         F.check_platform("cudnn", "gpu")
     with pytest.raises(UserError, match="multiple of the blocks"):
         F.flash_attention(*_qkv(1, 48, 1, 16)[:3], jnp.array([48]), block_q=32, block_k=32)
+
+
+def test_flash_train_step_masks_are_the_same_on_meshes_1x1_and_1x8_and_after_a_resume(tmp_path):
+    """The train step with flash attention dropout 0.3 (remat save_attention): update 2 of a run on mesh (1,8)
+    equals update 2 of a run whose update-1 state was checkpointed on mesh (1,8) and restored onto mesh (1,1).
+    A mask that depended on the mesh (head or row offsets) or was not redrawn after the resume would change
+    the loss by far more than the tolerance (float reassociation of the model-parallel sums)."""
+    from m11b_jax import checkpoint as ckpt
+    from m11b_jax.train_step import OptimConfig, abstract_train_state, batch_shardings, init_train_state, make_train_step
+
+    cfg = load_config("tiny", d_model=64, ffn_dim=128, num_heads=8, num_layers=2, max_positions=32, vocab_size=256,
+                      dropout=0.0, attention_dropout=0.3, attention_impl="flash", remat_policy="save_attention")
+    ocfg = OptimConfig(lr=1e-3, warmup_updates=0, clip_norm=1.0)
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(2):
+        tok = rng.integers(4, cfg.vocab_size, size=(1, 4, 33)).astype(np.int32)
+        tok[0, 1, 20:] = PAD
+        batches.append({"source": tok[..., :-1], "target": tok[..., 1:]})
+
+    def stepper(model):
+        mesh = S.make_mesh(model, jax.devices()[:model])
+        rules = S.logical_rules()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flash on CPU: the interpret-mode warning
+            step = make_train_step(cfg, mesh, rules, ocfg, seed=3,
+                                   compiler_options={"xla_backend_optimization_level": 0})
+        bs = batch_shardings(mesh, rules)
+        return mesh, rules, lambda state, b: step(state, {k: jax.device_put(v, bs[k]) for k, v in b.items()})
+
+    mesh8, rules8, step8 = stepper(8)
+    state = init_train_state(cfg, mesh8, rules8, ocfg, seed=5)
+    state, m1 = step8(state, batches[0])
+    saver = ckpt.Checkpointer(tmp_path / "run")
+    saver.save(1, state, {})
+    saver.close()
+    _, m2 = step8(state, batches[1])  # straight on (1, 8)
+
+    mesh1, rules1, step1 = stepper(1)
+    restored, _ = ckpt.restore(tmp_path / "run", 1, abstract_train_state(cfg, mesh1, rules1, ocfg))
+    assert int(restored.step) == 1
+    _, r2 = step1(restored, batches[1])  # resumed on (1, 1)
+    np.testing.assert_allclose(float(r2["loss"]), float(m2["loss"]), rtol=2e-6)
+    assert abs(float(m2["loss"]) - float(m1["loss"])) > 1e-3  # the batches (and masks) differ
