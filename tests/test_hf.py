@@ -29,6 +29,7 @@ from m11b_jax.convert import convert_fairseq, export_fairseq, main as convert_ma
 from m11b_jax.dictionary import Dictionary
 from m11b_jax.fairseq_io import load_shard
 from m11b_jax.fairseq_layout import get_path, to_fairseq_state_dict
+from m11b_jax.generation import Generator, SearchOptions
 from m11b_jax.model import TransformerLM
 from m11b_jax.sharding import logical_rules, make_mesh
 from m11b_jax.tokenizer import GPT2BPE
@@ -175,11 +176,14 @@ def test_greedy_generate_equals_ours(tmp_path, tiny):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=(ids != PAD).long(), max_new_tokens=steps,
                              do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+    mesh = make_mesh(1, jax.devices()[:1])
+    generator = Generator(CFG, params_io.load_params(ckpt, mesh, logical_rules()), mesh)
+    decoded = generator.generate(prompts, SearchOptions(max_new_tokens=steps))  # the product's KV-cache search
     for i, p in enumerate(prompts):
         theirs = out[i, width:].tolist()
         if EOS in theirs:
             theirs = theirs[:theirs.index(EOS) + 1]
-        assert theirs == our_greedy(CFG, params, p, steps), i
+        assert theirs == our_greedy(CFG, params, p, steps) == decoded[i].tokens, i
 
 
 # ---- tokenizer --------------------------------------------------------------------------------------------
