@@ -181,8 +181,41 @@ def test_injected_overflow_changes_nothing_but_the_scale():
     assert [float(m1["overflow"]), float(m2["overflow"])] == [0.0, 0.0]
     assert [int(m1["update"]), int(m2["update"])] == [1, 2] and float(m2["loss"]) < float(m1["loss"])
     p0, p2 = jax.tree.leaves(before.params), jax.tree.leaves(jax.device_get(s2.params))
-    assert all(a.dtype == jnp.float16 for a in p2) and any(not np.array_equal(a, b) for a, b in zip(p0, p2))
+    s3, m3 = step(s2, batch)  # memory-efficient fp16 trains: the loss keeps falling, fp16 parameters stay finite
+    assert float(m3["overflow"]) == 0.0 and float(m3["loss"]) < float(m2["loss"])
+    assert all(a.dtype == jnp.float16 and np.isfinite(a).all() for a in p2)
+    assert any(not np.array_equal(a, b) for a, b in zip(p0, p2))
+    p3 = jax.tree.leaves(jax.device_get(s3.params))
+    assert all(a.dtype == jnp.float16 and np.isfinite(a).all() for a in p3)
     assert float(m2["loss_scale"]) == 128.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fp16", "--bf16"], "--fp16 and --bf16 ask for two precisions"),
+    (["--memory-efficient-fp16", "--memory-efficient-bf16"],
+     "--memory-efficient-fp16 and --memory-efficient-bf16 ask for two precisions"),
+])
+def test_fp16_and_bf16_together_is_a_one_line_cli_error(flags, message, capsys):
+    from m11b_jax.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}: give the fp16 flags or the bf16 flags, not both") and "\n" not in err
+
+
+def test_fp16_on_a_tpu_warns_at_training_start_and_names_bf16(data, tmp_path, monkeypatch, capsys):
+    """The trainer's start on a (pretended) TPU backend prints the one-line warning naming --bf16 (the CPU and
+    bf16 cases: test_precision_flags_and_tpu_warning)."""
+    from m11b_jax.train import parse_args
+    from m11b_jax.trainer import Trainer
+
+    capsys.readouterr()
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    Trainer(parse_args(base_args(data, tmp_path / "tpu", "--fp16", "--disable-validation", max_update=1)))
+    err = capsys.readouterr().err
+    assert "| warning: --fp16 on a TPU: TPUs have no fast float16 matmuls; use --bf16" in err, err
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +321,59 @@ def test_fused_and_vocab_parallel_losses_with_float16_and_a_loss_scale():
     assert got_g.dtype == jnp.float16
     np.testing.assert_allclose(got_l / scale, ref_l, rtol=1e-5)  # the loss itself is fp32 inside
     np.testing.assert_allclose(np.asarray(got_g, np.float32) / scale, ref_g, rtol=0, atol=2e-3)
+
+
+def test_memory_efficient_fp16_checkpoint_loads_in_eval_generate_and_hf_export(tmp_path, capsys):
+    """A checkpoint trained with --memory-efficient-fp16 (fp16 parameters and a loss scaler in its train state):
+    eval_lm, LanguageModel.load / the generate CLI and the XGLM export all read it, as the stored fp16 values in
+    fp32, and the export's logits equal ours."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from m11b_jax import eval_lm, hf, params_io
+    from m11b_jax import generate as generate_cli
+    from m11b_jax.api import LanguageModel
+    from m11b_jax.model import TransformerLM
+    from train_fixtures import make_databin
+
+    data = make_databin(tmp_path / "data", n_symbols=1020, n_lines=60, valid_lines=8)  # 1024 symbols = tiny's vocab
+    save = tmp_path / "save"
+    trained = run(base_args(data, save, "--disable-validation", "--memory-efficient-fp16", max_update=2))
+    meta = ckpt.read_meta(save, 2)
+    assert meta["precision"] == "memory_efficient_fp16" and meta["model_config"]["param_dtype"] == "float16"
+    mesh, rules = S.make_mesh(2), S.logical_rules()
+    cfg, params, _ = params_io.load_checkpoint(save, mesh, rules, "float32")
+    params = jax.device_get(params)
+    leaves = jax.tree.leaves(params)
+    assert all(x.dtype == np.float32 and np.isfinite(x).all() for x in leaves)
+    assert all(np.array_equal(x.astype(np.float16).astype(np.float32), x) for x in leaves)  # the stored fp16 values
+
+    summary, _ = eval_lm.run_eval(data, save, split="valid", tokens_per_sample=32, context_window=16,
+                                  model_parallel_size=2)
+    # finite, and near the training loss (base 2) of this barely trained model
+    assert abs(summary["loss_base2"] - trained.losses[2]) < 1.5, (summary, trained.losses)
+
+    lm = LanguageModel.load(save, model_parallel_size=2)
+    for a, b in zip(leaves, jax.tree.leaves(jax.device_get(lm.params))):
+        np.testing.assert_array_equal(a, b)
+    prompt = [2, 10, 11, 12, 13]
+    want = lm.generate([prompt], max_new_tokens=4, return_ids=True)[0]
+    (tmp_path / "prompts").write_text(" ".join(map(str, prompt)) + "\n")
+    capsys.readouterr()
+    generate_cli.main(["--path", str(save), "--input", str(tmp_path / "prompts"), "--prompt-ids",
+                       "--max-new-tokens", "4", "--model-parallel-size", "2", "--json"])
+    got = json.loads(capsys.readouterr().out.strip())
+    assert got["tokens"] == want.tokens and 1 <= len(got["tokens"]) <= 4 and math.isfinite(got["logprob"])
+
+    hf.export_hf(save, tmp_path / "hf", log=lambda msg: None)
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="numpy") as f:
+        for k, v in hf.state_dict_from_params(params, cfg).items():
+            np.testing.assert_array_equal(np.asarray(f.get_tensor(k), np.float32), v, err_msg=k)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager")
+    tokens = np.asarray([prompt + [20, 21, 22]], np.int32)
+    ours = np.asarray(TransformerLM(cfg.replace(dropout=0.0, attention_dropout=0.0)).apply({"params": params},
+                                                                                          jnp.asarray(tokens)))
+    with torch.no_grad():
+        ref = model.eval()(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
