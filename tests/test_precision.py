@@ -227,12 +227,16 @@ def _records(save):
     return [json.loads(x) for x in (save / "train_log.jsonl").read_text().splitlines()]
 
 
+# --memory-efficient-fp16 with a high initial scale and a 2-update window (the runs below share one compiled step).
+ME_FP16_FLAGS = ["--memory-efficient-fp16", "--fp16-init-scale", "65536", "--fp16-scale-window", "2",
+                 "--disable-validation"]
+
+
 def test_fp16_resume_after_sigkill_continues_losses_and_scales_exactly(data, tmp_path):
     """--memory-efficient-fp16 with a high initial scale and a 2-update window (overflows, then growth and more
     overflows): killed while update 4 is being saved, resumed from 2; per-update losses and loss scales equal
     an uninterrupted run's, and the checkpoint evaluates with eval_lm."""
-    flags = ["--memory-efficient-fp16", "--fp16-init-scale", "65536", "--fp16-scale-window", "2",
-             "--disable-validation"]
+    flags = ME_FP16_FLAGS
     save = tmp_path / "run"
     args = base_args(data, save, "--save-interval-updates", "2", *flags)
     killed = run_cli(args, M11B_TEST_KILL_DURING_SAVE="4")
@@ -323,7 +327,7 @@ def test_fused_and_vocab_parallel_losses_with_float16_and_a_loss_scale():
     np.testing.assert_allclose(np.asarray(got_g, np.float32) / scale, ref_g, rtol=0, atol=2e-3)
 
 
-def test_memory_efficient_fp16_checkpoint_loads_in_eval_generate_and_hf_export(tmp_path, capsys):
+def test_memory_efficient_fp16_checkpoint_loads_in_eval_generate_and_hf_export(data, tmp_path, capsys):
     """A checkpoint trained with --memory-efficient-fp16 (fp16 parameters and a loss scaler in its train state):
     eval_lm, LanguageModel.load / the generate CLI and the XGLM export all read it, as the stored fp16 values in
     fp32, and the export's logits equal ours."""
@@ -335,11 +339,8 @@ def test_memory_efficient_fp16_checkpoint_loads_in_eval_generate_and_hf_export(t
     from m11b_jax import generate as generate_cli
     from m11b_jax.api import LanguageModel
     from m11b_jax.model import TransformerLM
-    from train_fixtures import make_databin
-
-    data = make_databin(tmp_path / "data", n_symbols=1020, n_lines=60, valid_lines=8)  # 1024 symbols = tiny's vocab
     save = tmp_path / "save"
-    trained = run(base_args(data, save, "--disable-validation", "--memory-efficient-fp16", max_update=2))
+    trained = run(base_args(data, save, *ME_FP16_FLAGS, max_update=2))
     meta = ckpt.read_meta(save, 2)
     assert meta["precision"] == "memory_efficient_fp16" and meta["model_config"]["param_dtype"] == "float16"
     mesh, rules = S.make_mesh(2), S.logical_rules()
