@@ -27,6 +27,12 @@ _OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(?:-start
 _WHILE_BODY = re.compile(r"\bwhile\(.*?body=%?([\w.\-]+)")
 
 
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded arrays (abstract or real): each leaf's shard."""
+    return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(tree))
+
+
 def _group_size(line: str) -> int | None:
     """Devices per replica group of a collective, from any of XLA's printed forms (None: unknown)."""
     m = re.search(r"replica_groups=\{(\{[^}]*\}(?:,\{[^}]*\})*)\}", line)
@@ -193,8 +199,6 @@ def compile_eval_report(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_s
     t0 = time.perf_counter()
     with sharding.activate(mesh, rules), matmul_precision(cfg):
         compiled = make_score_step(cfg, mesh, rules, chunk, passes).lower(abstract, *batch).compile()
-    param_bytes = sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
-                      for leaf in jax.tree.leaves(abstract))
     return {
         "arch": cfg.name,
         "params": cfg.num_params(),
@@ -206,7 +210,7 @@ def compile_eval_report(cfg: ModelConfig, mesh, *, batch_size: int, tokens_per_s
         "context_window": context_window,
         "attention_chunk": chunk,
         "passes": passes,
-        "param_bytes_per_device": param_bytes,
+        "param_bytes_per_device": bytes_per_device(abstract),
         "per_device_bytes": memory(compiled),
         "collectives": {k: v for k, v in collectives(compiled.as_text()).items() if v["count"]},
         "compile_s": round(time.perf_counter() - t0, 2),

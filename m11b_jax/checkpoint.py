@@ -11,6 +11,13 @@ in the background while training goes on. orbax writes into `<update>.orbax-chec
 into place only when complete, so a process killed mid-save leaves the previous checkpoint as the latest
 (the leftover temporary folder is removed by the next run).
 
+Integrity: once orbax has finished writing a checkpoint, process 0 hashes every file of it (SHA-256) into
+`<update>/m11b_manifest.json`; only then does the checkpoint count as committed (`last_verified`). Before a
+restore the files are checked against the manifest: a damaged or unverified newest checkpoint is reported and
+moved aside (`damaged-<update>-<time>`, nothing deleted) and the newest intact one is used, named in the log;
+with no intact one, or a damaged `--restore-file`, the run stops with one line. Before each save the free space
+is compared with the state's size (a full disk is one line, the previous checkpoint kept).
+
 Restore takes the *abstract* train state of the current mesh (`train_step.abstract_train_state`), so a
 checkpoint saved on one mesh shape restores onto another: orbax reads each device's slice.
 """
@@ -18,12 +25,15 @@ checkpoint saved on one mesh shape restores onto another: orbax reads each devic
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import pathlib
 import signal
 import time
 from typing import Any, Callable
 
+from m11b_jax import fsutil
 from m11b_jax.config import ModelConfig
 from m11b_jax.errors import UserError
 
@@ -31,6 +41,7 @@ META_VERSION = 1
 # Model hyperparameters that decide array shapes: a checkpoint can only continue with the same values.
 SHAPE_FIELDS = ("vocab_size", "d_model", "ffn_dim", "num_layers", "num_heads", "max_positions")
 LAST = ("checkpoint_last", "checkpoint_last.pt")
+MANIFEST = "m11b_manifest.json"
 
 
 def check_writable(directory: str | os.PathLike) -> pathlib.Path:
@@ -53,6 +64,7 @@ def is_step_dir(path: pathlib.Path) -> bool:
 def _manager(directory: pathlib.Path, keep: int | None, read_only: bool = False):
     import orbax.checkpoint as ocp
 
+    directory = fsutil.resolve(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None,
         create=not read_only,
@@ -67,75 +79,231 @@ class Checkpointer:
     """Save / find / restore training checkpoints in one directory (all processes call every method)."""
 
     def __init__(self, directory: str | os.PathLike, keep: int | None = None):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = fsutil.resolve(directory)
         self._mgr = _manager(self.directory, keep)
         self.last_saved: int | None = self._mgr.latest_step()
+        # Committed (hashed) by an earlier run; the restore verified the one it resumed from.
+        self.last_verified: int | None = self.last_saved if self.last_saved is not None and (
+            self.directory / str(self.last_saved) / MANIFEST).is_file() else None
+        self._pending: list[int] = []
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
 
     def save(self, update: int, state, meta: dict[str, Any]) -> bool:
-        """Start an asynchronous save of `state` at `update`; False if that update is already saved."""
+        """Start an asynchronous save of `state` at `update`; False if that update is already saved.
+
+        The previous save is finished and verified first (orbax would wait for it anyway).
+        """
         import orbax.checkpoint as ocp
 
+        self._finalize()
         if update in self._mgr.all_steps():
             return False
+        self._check_space(update, state)
         meta = dict(meta, update=int(update), meta_version=META_VERSION, saved_unix_time=time.time())
-        self._mgr.save(update, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)), force=True)
+        try:
+            self._mgr.save(update, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                          meta=ocp.args.JsonSave(meta)), force=True)
+        except OSError as e:
+            raise UserError(self._write_error(update, e)) from None
+        self._pending.append(update)
         self.last_saved = update
         _test_kill_during_save(update, self.directory)
         return True
 
+    def _check_space(self, update: int, state) -> None:
+        import jax
+
+        need = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state)) + (16 << 20)
+        free = fsutil.free_bytes(self.directory)
+        if free is not None and free < need:
+            raise UserError(f"not enough disk space for the checkpoint of update {update} in {self.directory}: it "
+                            f"needs about {need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; free space or "
+                            f"choose another --save-dir ({self._kept()})")
+
+    def _kept(self) -> str:
+        return (f"the previous checkpoint {self.directory / str(self.last_verified)} is kept"
+                if self.last_verified is not None else "no earlier checkpoint was saved")
+
+    def _write_error(self, update: int, e: BaseException) -> str:
+        return (f"writing the checkpoint of update {update} in {self.directory} failed: "
+                f"{fsutil.os_error_message(e) if isinstance(e, OSError) else e} ({self._kept()})")
+
+    def _finalize(self) -> None:
+        """Wait for the saves in flight, then hash each into its manifest (process 0): now it is committed."""
+        if not self._pending:
+            return
+        import jax
+
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of a full disk in its own errors
+            cause = _os_error_in(e)
+            update = self._pending[-1]
+            self._pending = []
+            raise UserError(self._write_error(update, cause if cause is not None else e)) from None
+        for update in self._pending:
+            step = self.directory / str(update)
+            if jax.process_index() == 0 and is_step_dir(step):
+                try:
+                    write_manifest(step)
+                except OSError as e:
+                    self._pending = []
+                    raise UserError(self._write_error(update, e)) from None
+            self.last_verified = update
+        self._pending = []
+
     def wait(self) -> None:
-        """Block until every pending save is committed."""
-        self._mgr.wait_until_finished()
+        """Block until every pending save is committed (written and hashed)."""
+        self._finalize()
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        try:
+            self._finalize()
+        finally:
+            self._mgr.close()
 
 
-def find_restore_point(save_dir: str | os.PathLike, restore_file: str | None) -> tuple[pathlib.Path, int] | None:
-    """Where to resume from: (checkpoint root, update) or None for a fresh start.
+def _os_error_in(e: BaseException) -> OSError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
-    `restore_file` is fairseq's `--restore-file`: the default `checkpoint_last` means the latest checkpoint in
-    `save_dir` (none: start fresh). Otherwise a step directory (`.../1200`) or a checkpoint root (its latest
-    step); a relative path is looked up in the current directory, then in `save_dir`.
+
+# ---- the manifest of content hashes ------------------------------------------------------------------
+
+
+def _sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(step: pathlib.Path) -> None:
+    """Hash every file of a finished checkpoint into `step/m11b_manifest.json` (written atomically)."""
+    from m11b_jax.textio import atomic_output
+
+    files = sorted(p for p in step.rglob("*") if p.is_file() and p.name != MANIFEST and ".tmp-" not in p.name)
+    entries = {str(p.relative_to(step)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    with atomic_output(step / MANIFEST) as f:
+        f.write(json.dumps({"algorithm": "sha256", "files": entries}, indent=1, sort_keys=True) + "\n")
+
+
+def verify_step(root: pathlib.Path, update: int) -> str | None:
+    """None if checkpoint `root/update` matches its manifest, else what is wrong (one phrase)."""
+    step = pathlib.Path(root) / str(update)
+    if not (step / "state").is_dir():
+        return "its state directory is missing"
+    manifest = step / MANIFEST
+    if not manifest.is_file():
+        return (f"it has no {MANIFEST}: the save never finished, or it was written without checksums, so it "
+                "cannot be verified")
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST} is unreadable ({type(e).__name__})"
+    for name, want in sorted(entries.items()):
+        path = step / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, {want['bytes']} were written"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its checksum (the bytes changed after the save)"
+    return None
+
+
+def _set_aside(step: pathlib.Path) -> pathlib.Path:
+    target = step.parent / f"damaged-{step.name}-{int(time.time())}"
+    os.rename(step, target)
+    return target
+
+
+def find_restore_point(save_dir: str | os.PathLike, restore_file: str | None,
+                       log=None) -> tuple[pathlib.Path, int] | None:
+    """Where to resume from: (checkpoint root, update) of a verified checkpoint, or None for a fresh start.
+
+    `restore_file` is fairseq's `--restore-file`: the default `checkpoint_last` means the newest intact
+    checkpoint in `save_dir` (none at all: start fresh). Newer ones that fail verification are named in `log`
+    and moved aside (`damaged-<update>-<time>`, so the next saves can reuse their update numbers); if every one
+    fails, a one-line error. Otherwise a step directory (`.../1200`) or a checkpoint root (its latest step),
+    which must verify; a relative path is looked up in the current directory, then in `save_dir`.
     """
-    save_dir = pathlib.Path(save_dir)
+    import jax
+
+    log = log or (lambda msg: None)
+    save_dir = fsutil.resolve(save_dir)
     if restore_file in (None, "", *LAST):
-        steps = list_steps(save_dir)
-        return (save_dir.absolute(), steps[-1]) if steps else None
-    candidates = [pathlib.Path(restore_file)]
-    if not candidates[0].is_absolute():
+        steps = step_dirs(save_dir)
+        damaged = []
+        for update in reversed(steps):
+            reason = verify_step(save_dir, update)
+            if reason is None:
+                if damaged:
+                    log(f"| resuming from {save_dir / str(update)}, the newest intact checkpoint")
+                return save_dir, update
+            damaged.append((update, reason))
+            where = save_dir / str(update)
+            if jax.process_count() == 1:
+                moved = _set_aside(where)
+                log(f"| checkpoint {where} is damaged ({reason}): moved it to {moved.name} and falling back")
+            else:
+                log(f"| checkpoint {where} is damaged ({reason}): falling back")
+        if damaged:
+            older = " and so are the older ones" if len(damaged) > 1 else ""
+            raise UserError(f"no intact checkpoint in {save_dir}: the newest, update {damaged[0][0]}, is damaged "
+                            f"({damaged[0][1]}){older} (moved aside as damaged-<update>-<time>): pass --restore-file "
+                            "with a checkpoint you trust, or use a new --save-dir")
+        return None
+    candidates = [fsutil.resolve(restore_file)]
+    if not pathlib.Path(restore_file).is_absolute():
         candidates.append(save_dir / restore_file)
     for path in candidates:
-        if is_step_dir(path):
-            return path.parent.absolute(), int(path.name)
-        steps = list_steps(path)
-        if steps:
-            return path.absolute(), steps[-1]
+        point = training_point(path, damaged_too=True)
+        if point is not None:
+            check_intact(*point, "pass another --restore-file", flag=f"--restore-file {restore_file}: ")
+            return point
     raise UserError(f"--restore-file {restore_file}: no checkpoint there (looked in "
                     f"{', '.join(str(p) for p in candidates)}): give a checkpoint step directory or a --save-dir "
                     "that holds checkpoints")
 
 
-def list_steps(directory: pathlib.Path) -> list[int]:
-    """Committed checkpoint updates in `directory`, ascending (temporary, unfinished saves are ignored)."""
+def step_dirs(directory: pathlib.Path) -> list[int]:
+    """Every update directory orbax committed (renamed from its temporary), intact or not, ascending."""
+    directory = pathlib.Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and is_step_dir(p))
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def training_point(path: str | os.PathLike) -> tuple[pathlib.Path, int] | None:
+def list_steps(directory: pathlib.Path) -> list[int]:
+    """Committed checkpoint updates in `directory`, ascending (temporary, unfinished saves are ignored)."""
+    return [u for u in step_dirs(directory) if is_step_dir(pathlib.Path(directory) / str(u))]
+
+
+def training_point(path: str | os.PathLike, damaged_too: bool = False) -> tuple[pathlib.Path, int] | None:
     """(save dir, update) of a training checkpoint: one update's directory, or a --save-dir (its newest update);
-    None when `path` is neither."""
+    None when `path` is neither. `damaged_too` also counts update directories that lost their state or meta (to be
+    reported as damaged, not as no checkpoint)."""
     path = pathlib.Path(path)
-    if is_step_dir(path):
+    one = (path.name.isdigit() and path.is_dir() and ((path / "state").exists() or (path / "meta").exists())
+           if damaged_too else is_step_dir(path))
+    if one:
         return path.parent, int(path.name)
-    steps = list_steps(path)
+    steps = step_dirs(path) if damaged_too else list_steps(path)
     return (path, steps[-1]) if steps else None
+
+
+def check_intact(root: pathlib.Path, update: int, fix: str, flag: str = "") -> None:
+    """A one-line error (`flag` first, `fix` last) unless checkpoint `root/update` matches its manifest."""
+    reason = verify_step(root, update)
+    if reason is not None:
+        raise UserError(f"{flag}checkpoint {pathlib.Path(root) / str(update)} is damaged ({reason}): {fix}")
 
 
 def stored_model_config(root: pathlib.Path, update: int) -> ModelConfig:
@@ -149,8 +317,6 @@ def stored_model_config(root: pathlib.Path, update: int) -> ModelConfig:
 
 
 def read_meta(root: pathlib.Path, update: int) -> dict:
-    import json
-
     path = root / str(update) / "meta"
     file = path / "metadata" if path.is_dir() else path
     try:
@@ -171,6 +337,7 @@ def check_compatible(meta: dict, model_config: dict, where: str) -> None:
 def _restore_item(root: pathlib.Path, update: int, state_args):
     import orbax.checkpoint as ocp
 
+    root = fsutil.resolve(root)  # orbax reads a relative path against another directory
     mgr = _manager(root, None, read_only=True)
     try:
         return mgr.restore(update, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
@@ -237,11 +404,13 @@ class Resumed:
         return int(self.meta["update"])
 
 
-def resume(save_dir: str | os.PathLike, restore_file: str | None, *, model_config, abstract_state: Callable[[], Any],
-           global_rows: int, data_replicas: int, batch_size: int) -> Resumed | None:
-    """The checkpoint a run continues from (`find_restore_point`), checked against this run's model and global
-    batch before anything is read, then restored onto `abstract_state()`; None for a fresh start."""
-    point = find_restore_point(save_dir, restore_file)
+def resume(save_dir: str | os.PathLike, restore_file: str | None, *, model_config,
+           abstract_state: Callable[[dict, pathlib.Path], Any], global_rows: int, data_replicas: int, batch_size: int,
+           log=None) -> Resumed | None:
+    """The verified checkpoint a run continues from (`find_restore_point`, which reports to `log`), checked against
+    this run's model and global batch before anything is read, then restored onto `abstract_state(meta, where)`;
+    None for a fresh start."""
+    point = find_restore_point(save_dir, restore_file, log=log)
     if point is None:
         return None
     root, update = point
@@ -249,7 +418,7 @@ def resume(save_dir: str | os.PathLike, restore_file: str | None, *, model_confi
     meta = read_meta(root, update)
     check_compatible(meta, dataclasses.asdict(model_config), str(where))
     check_global_batch(meta, where, global_rows, data_replicas, batch_size)
-    state, meta = restore(root, update, abstract_state())
+    state, meta = restore(root, update, abstract_state(meta, where))
     return Resumed(state, meta, where)
 
 

@@ -76,10 +76,9 @@ def compile_only_report(cfg, mesh, *, batch_size: int, cache_len: int) -> dict:
     and an abstract cache: per-device memory and collectives, nothing allocated."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from m11b_jax import param_tree, sharding
-    from m11b_jax.aot import collectives, memory
+    from m11b_jax.aot import bytes_per_device, collectives, memory
     from m11b_jax.generation import Generator
 
     rules = sharding.logical_rules()
@@ -92,14 +91,12 @@ def compile_only_report(cfg, mesh, *, batch_size: int, cache_len: int) -> dict:
     with sharding.activate(mesh, rules):
         step = jax.jit(gen._apply, donate_argnums=(1,))
         compiled = step.lower(abstract, cache, tokens).compile()
-    nbytes = lambda tree: sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize  # noqa: E731
-                              for a in jax.tree.leaves(tree))
     split = collectives(compiled.as_text(), split_loops=True)
     return {
         "arch": cfg.name, "params": cfg.num_params(), "mesh": sharding.describe(mesh),
         "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
         "batch_size": batch_size, "cache_len": cache_len,
-        "param_bytes_per_device": nbytes(abstract), "cache_bytes_per_device": nbytes(cache),
+        "param_bytes_per_device": bytes_per_device(abstract), "cache_bytes_per_device": bytes_per_device(cache),
         "per_device_bytes": memory(compiled),
         "collectives": {k: v for k, v in collectives(compiled.as_text()).items() if v["count"]},
         "layer_body_collectives": [{k: v for k, v in body.items() if v["count"]}

@@ -398,6 +398,7 @@ def is_fairseq_checkpoint(path: pathlib.Path) -> bool:
 def load_training_checkpoint(path: pathlib.Path, mesh, rules, dtype: str):
     """(config, params, None) of an orbax training checkpoint (see load_checkpoint), cast to `dtype` on `mesh`."""
     root, update = train_checkpoint.training_point(path)
+    train_checkpoint.check_intact(root, update, "pass another update's directory with --path")
     stored = train_checkpoint.stored_model_config(root, update)
     params = train_checkpoint.restore_params(root, update, abstract_params(stored, mesh, rules))
     cfg = eval_config(stored, dtype)

@@ -45,6 +45,7 @@ def open_params_source(path: str | os.PathLike) -> ParamsSource:
         raise UserError(f"{path} is not a checkpoint: neither an m11b_jax params checkpoint (no {META_FILE}) nor a "
                         "training checkpoint (a --save-dir holding <update>/state, or one such <update> dir)")
     root, update = point
+    train_ckpt.check_intact(root, update, "pass another update's directory")
     cfg = train_ckpt.stored_model_config(root, update)
     meta = train_ckpt.read_meta(root, update)
     reader = TrainingParamsReader(root / str(update), cfg)

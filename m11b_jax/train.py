@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint_last (default): resume from the latest in --save-dir if any; or a checkpoint path")
     g.add_argument("--finetune-from-model",
                    help="start from converted parameters (python -m m11b_jax.convert) with fresh optimizer state; "
-                        "ignored when --save-dir already holds a checkpoint")
+                        "ignored when --save-dir already holds a checkpoint. Without --arch, the model configuration "
+                        "is the checkpoint's")
+    g.add_argument("--validate-at-start", action="store_true", help="validate once before the first update")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--validate-interval-updates", type=int, default=0, help="validate every N updates (and at the end)")
     g.add_argument("--tensorboard-logdir", help="write TensorBoard scalars here (tensorboardX)")
@@ -311,6 +313,16 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         for dest, value in OFFLINE_DEFAULTS.items():
             if dest not in given:
                 setattr(args, dest, _typed(parser, dest, value))
+    if args.arch is None and args.finetune_from_model and not offline:
+        from m11b_jax.fsutil import resolve
+        from m11b_jax.params_io import CONFIG_FILE
+
+        stored = resolve(args.finetune_from_model) / CONFIG_FILE
+        if not stored.is_file():
+            raise UserError(f"--finetune-from-model {args.finetune_from_model} holds no {CONFIG_FILE} (not an m11b_jax "
+                            "params checkpoint: convert fairseq shards with python -m m11b_jax.convert), so the model "
+                            "cannot be taken from it: give --arch")
+        args.arch = str(stored)  # the model configuration of the checkpoint; flags below still override it
     if args.arch is None:
         raise UserError("--arch is required with a DATA_PATH or --compile-only "
                         f"(e.g. --arch {MEGATRON_ARCH}, --arch tiny, or a config JSON)")
@@ -396,7 +408,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
                      batch_size=batch_size, batch_size_valid=args.batch_size_valid or batch_size,
                      update_freq=args.update_freq, model_parallel_size=mp, sequence_parallel=sp,
                      dtype_policy=P.describe(precision), fsdp=args.fsdp, world_size=args.distributed_world_size,
-                     validate_at_start=offline, precision=precision, loss_scale=loss_scale, batch_from=batch_from)
+                     validate_at_start=offline or args.validate_at_start, precision=precision, loss_scale=loss_scale,
+                     batch_from=batch_from)
 
 
 

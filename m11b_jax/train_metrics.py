@@ -17,8 +17,8 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import sys
+from typing import Callable
 
 from m11b_jax.errors import UserError
 
@@ -27,15 +27,13 @@ class TrainingDiverged(UserError):
     """The loss or gradient norm became NaN/inf (or, with loss scaling, the scale reached its minimum)."""
 
 
-def check_finite(update: int, loss: float, gnorm: float, last_checkpoint: pathlib.Path | None) -> None:
-    """Stop training with a one-line error when an update's loss or gradient norm is NaN/inf."""
+def check_finite(update: int, loss: float, gnorm: float, last_checkpoint: Callable[[], str]) -> None:
+    """Stop training with a one-line error when an update's loss or gradient norm is NaN/inf; `last_checkpoint()`
+    says where the run can restart (only called then: it waits for a save in flight)."""
     if math.isfinite(loss) and math.isfinite(gnorm):
         return
-    raise TrainingDiverged(
-        f"loss is {loss} (gradient norm {gnorm}) at update {update}: training stopped; "
-        + (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
-           else "no checkpoint was saved")
-        + "; lower --lr, set --clip-norm, or check the data")
+    raise TrainingDiverged(f"loss is {loss} (gradient norm {gnorm}) at update {update}: training stopped; "
+                           f"{last_checkpoint()}; lower --lr, set --clip-norm, or check the data")
 
 
 def peak_flops(device_kind: str, compute_dtype: str) -> float | None:

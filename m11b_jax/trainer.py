@@ -4,7 +4,7 @@ One update = one call of the jitted, sharded train step on [update_freq, global_
 runs one update ahead of the device: it dispatches update n+1 before reading update n's metrics, and only
 waits at log, validation and checkpoint points. Each update's loss and gradient norm are checked: a NaN or
 inf stops training with an error *before* anything from that update is saved, so the last checkpoint on disk
-is the last good one. Under the fp16 policies a non-finite gradient norm is a loss-scale overflow instead: the
+is the last good one (and verified: see checkpoint.py). Under the fp16 policies a non-finite gradient norm is a loss-scale overflow instead: the
 step changed nothing but the scale (see train_step), its batch is consumed (like fairseq's), it does not count
 as an update, and the loop learns the true update count from each step's metrics; reaching --min-loss-scale
 stops training with an error.
@@ -28,7 +28,7 @@ import time
 import jax
 
 from m11b_jax import checkpoint as ckpt
-from m11b_jax import params_io, runtime, sharding, train_data
+from m11b_jax import fsutil, params_io, runtime, sharding, train_data
 from m11b_jax import precision as P
 from m11b_jax.config import analytic_train_flops
 from m11b_jax.corpus import ensure_offline_corpus
@@ -106,7 +106,21 @@ class Trainer:
                                          "--valid-subset (or --disable-validation)", n_symbols))
             for name in args.valid_subset.split(",") if name]
         self.save_dir = ckpt.check_writable(args.save_dir).absolute()
+        # One run per --save-dir: a second trainer refuses at once (a dead run's lock is taken over).
+        self._lock = fsutil.DirectoryLock(self.save_dir, log=self._note).acquire() if self.is_main else None
+        try:
+            self._setup(run)
+        except BaseException:
+            self._release_lock()
+            raise
 
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _setup(self, run) -> None:
+        args = self.args
         self.mesh = sharding.make_mesh(run.model_parallel_size)
         runtime.retain_host_memory_on_cpu(self.mesh)  # reuse each step's host buffers, not page-fault them in again
         if run.fsdp:
@@ -122,6 +136,7 @@ class Trainer:
                                                seed=args.seed, prefetch=args.num_workers, rules=self.rules)
         self.seed = args.seed
         self.start, self.resumed_from = 0, None
+        check_memory(self.cfg, self.mesh, self.rules, self.ocfg, self.loss_scale)
         self.state = self._restore_or_init()
         self.known_update = self.start  # the device's update count up to the last step whose metrics were read
 
@@ -154,9 +169,9 @@ class Trainer:
     def _restore_or_init(self):
         args, cfg, mesh, rules, ocfg = self.args, self.cfg, self.mesh, self.rules, self.ocfg
         resumed = ckpt.resume(self.save_dir, args.restore_file, model_config=cfg,
-                              abstract_state=lambda: self._abstract_state_for(cfg, mesh, rules, ocfg),
+                              abstract_state=lambda meta, where: self._abstract_state_for(meta, where),
                               global_rows=self.batches.global_rows, data_replicas=mesh.shape[sharding.DATA],
-                              batch_size=self.run_cfg.batch_size)
+                              batch_size=self.run_cfg.batch_size, log=self._note)
         if resumed is not None:
             self.batches.load_state_dict(resumed.meta["data"])
             self.seed = int(resumed.meta.get("seed", self.seed))
@@ -173,15 +188,16 @@ class Trainer:
                                   args.finetune_from_model)
             with sharding.activate(mesh, rules):
                 params = params_io.load_params(args.finetune_from_model, mesh, rules, cfg=cfg)
+            self._note(f"| --finetune-from-model: loaded {fsutil.resolve(args.finetune_from_model)} ({saved.name}, "
+                       f"{saved.num_params() / 1e6:.2f}M parameters; a params checkpoint has no update count): "
+                       "starting at update 0 with fresh Adam state")
             return state_from_params(params, ocfg, state_shardings(cfg, mesh, rules, self.loss_scale), self.loss_scale)
         return init_train_state(cfg, mesh, rules, ocfg, seed=self.seed, loss_scale=self.loss_scale)
 
-    def _abstract_state_for(self, cfg, mesh, rules, ocfg):
+    def _abstract_state_for(self, meta: dict, where):
         """The abstract state to restore into, once the checkpoint's precision is known to be this run's."""
-        point = ckpt.find_restore_point(self.save_dir, self.args.restore_file)
-        if point is not None:
-            self._check_precision(ckpt.read_meta(*point), point[0] / str(point[1]))
-        return abstract_train_state(cfg, mesh, rules, ocfg, self.loss_scale)
+        self._check_precision(meta, where)
+        return abstract_train_state(self.cfg, self.mesh, self.rules, self.ocfg, self.loss_scale)
 
     def _check_precision(self, meta: dict, where) -> None:
         """A run continues in the precision it was trained in (the state's dtypes and its loss scaler)."""
@@ -241,15 +257,12 @@ class Trainer:
     def _account(self, metrics: dict) -> None:
         update = int(metrics["update"])  # the device's count after this step (unchanged by an overflowing step)
         loss, gnorm = float(metrics["loss"]), float(metrics["gnorm"])
-        last = self.saver.last_saved if self.saver is not None else None
-        last = None if last is None else self.save_dir / str(last)
         scale = float(metrics["loss_scale"]) if "loss_scale" in metrics else None
         if scale is not None:
             if float(metrics["min_scale_reached"]):
                 raise TrainingDiverged(
                     f"minimum loss scale reached (--min-loss-scale {self.loss_scale.min_scale:g}) after update "
-                    f"{update}: the loss is probably exploding; training stopped; "
-                    + (f"the last good checkpoint is {last}" if last is not None else "no checkpoint was saved")
+                    f"{update}: the loss is probably exploding; training stopped; " + self._last_verified()
                     + "; lower --lr, set --clip-norm or raise the batch size")
             if float(metrics["overflow"]):
                 self.known_update = update
@@ -259,7 +272,7 @@ class Trainer:
                                 prefix="gradient overflow, update skipped, loss scale lowered", tb_keys=("loss_scale",))
                 return
             self.summary.loss_scales[update] = scale
-        check_finite(update, loss, gnorm, last)
+        check_finite(update, loss, gnorm, self._last_verified)
         self.known_update = update
         self.summary.losses[update] = loss
         first = update == self.start + 1  # includes compilation: timing starts at its end
@@ -282,6 +295,16 @@ class Trainer:
             self.logger.log(rec, prefix="train", tb_keys=tb_keys)
             self.interval = IntervalStats(t0=now)
             self.overflows_in_interval = 0
+
+    def _last_verified(self) -> str:
+        """Where a stopped run can restart: a save in flight is finished and hashed first (it holds a state from
+        before the failing update), so the checkpoint named is one that verifies."""
+        last = None
+        if self.saver is not None:
+            self.saver.wait()
+            last = self.saver.last_verified
+        return f"the last verified checkpoint is {self.save_dir / str(last)}" if last is not None else \
+            "no checkpoint was saved"
 
     def _note(self, message: str) -> None:
         if hasattr(self, "logger"):
@@ -372,6 +395,7 @@ class Trainer:
                 except Exception:  # noqa: BLE001 - never mask the error that got us here
                     pass
             self.logger.close()
+            self._release_lock()
         summary.end_update = update
         summary.elapsed_s = time.perf_counter() - self.t_start
         if self.is_main:
@@ -379,6 +403,36 @@ class Trainer:
                                          tensorboard_logdir=args.tensorboard_logdir)
             print("\n".join(lines), flush=True)
         return summary
+
+
+def check_memory(cfg, mesh, rules, ocfg, loss_scale=None, available: int | None = None) -> None:
+    """Refuse, before anything is allocated, a train state (parameters + Adam moments) larger than the memory of
+    the devices that would hold it: host RAM for CPU devices (they share it), `memory_stats` on accelerators.
+    Activations come on top; `--compile-only` gives the full figure."""
+    from m11b_jax.aot import bytes_per_device
+
+    per_device = bytes_per_device(abstract_train_state(cfg, mesh, rules, ocfg, loss_scale))
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    cpu = local[0].platform == "cpu"
+    if available is None:
+        if cpu:
+            import psutil
+
+            available = psutil.virtual_memory().available
+        else:
+            available = (local[0].memory_stats() or {}).get("bytes_limit")
+    if available is None:
+        return
+    need = per_device * (len(local) if cpu else 1)
+    if need <= available:
+        return
+    where = (f"of host memory for {len(local)} CPU devices ({per_device / 2**30:.1f} GiB each), but "
+             f"{available / 2**30:.1f} GiB are available" if cpu else
+             f"per device, but a {local[0].device_kind} holds {available / 2**30:.1f} GiB")
+    raise UserError(f"{cfg.name}'s train state (parameters + Adam moments) needs {need / 2**30:.1f} GiB {where}: "
+                    "measure the whole step first with --compile-only, then use more devices or a larger "
+                    "--model-parallel-size (or a smaller --arch); --remat-policy and --bf16 lower the activations on "
+                    "top of this")
 
 
 def startup_summary(run, mesh, global_rows: int) -> str:

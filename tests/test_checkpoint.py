@@ -99,7 +99,7 @@ def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(data, tmp_path
     args = base_args(data, save, "--save-interval-updates", "1", "--disable-validation", max_update=5)
     args[args.index("--lr") + 1] = "1e30"
     args[args.index("--warmup-updates") + 1] = "0"
-    with pytest.raises(UserError, match=r"loss is (nan|inf|-inf) .*at update 2: training stopped; the last good "
+    with pytest.raises(UserError, match=r"loss is (nan|inf|-inf) .*at update 2: training stopped; the last verified "
                                         r"checkpoint is .*/1;"):
         run(args)
     assert ckpt.list_steps(save) == [1]
@@ -115,7 +115,7 @@ def test_unwritable_save_dir_is_one_clear_error(data, tmp_path):
         run(base_args(data, blocker / "ckpt"))
 
 
-def test_finetune_from_converted_params_then_resume(data, tmp_path):
+def test_finetune_from_converted_params_then_resume(data, tmp_path, capsys):
     """--finetune-from-model: converted parameters + fresh Adam state. Converting the seed-5 initialization and
     fine-tuning from it must reproduce a from-scratch --seed 5 run exactly; once the save dir holds a
     checkpoint, the run resumes from it instead."""
@@ -130,6 +130,7 @@ def test_finetune_from_converted_params_then_resume(data, tmp_path):
     scratch = run(base_args(data, tmp_path / "a", *common, "--no-save", max_update=3))
     tuned = run(base_args(data, tmp_path / "b", *common, "--finetune-from-model", str(converted), max_update=3))
     assert tuned.start_update == 0 and tuned.resumed_from is None
+    assert f"| --finetune-from-model: loaded {converted} (tiny, " in capsys.readouterr().err
     for u in (1, 2, 3):
         assert abs(tuned.losses[u] - scratch.losses[u]) <= 1e-6, u
     again = run(base_args(data, tmp_path / "b", *common, "--finetune-from-model", str(converted), max_update=4))

@@ -27,7 +27,7 @@ import fairseq_fixtures as ff
 from m11b_jax import bpe as bpe_cli
 from m11b_jax import detok as detok_cli
 from m11b_jax import eval_lm
-from m11b_jax import fsutil
+from m11b_jax import fsutil, params_io
 from m11b_jax import preprocess as preprocess_cli
 from m11b_jax.config import ModelConfig
 from m11b_jax.convert import convert_fairseq
@@ -372,3 +372,165 @@ def test_token_ids_beyond_the_dictionary_refused_when_a_split_opens(tmp_path, sp
     err = one_line_error(capsys, train.main, base_args(data, tmp_path / "save"))
     assert f"{split}.bin holds token id 54 at position 5, but dict.txt has 54 symbols" in err
 
+
+
+# ---- checkpoints: verified, locked, sized --------------------------------------------------------------
+
+
+def flip_a_byte(step: pathlib.Path) -> pathlib.Path:
+    biggest = max((p for p in (step / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    return biggest
+
+
+@pytest.fixture(scope="module")
+def disk_full_run(tmp_path_factory):
+    """Training to update 6, saving every 2; the disk is 'full' (free_bytes says 1 KiB) at the third save."""
+    from m11b_jax import checkpoint as ckpt
+    from m11b_jax.train import run
+    from train_fixtures import base_args, shared_databin
+
+    save = tmp_path_factory.mktemp("diskfull") / "run"
+    calls = []
+    real = fsutil.free_bytes
+
+    def free(path):
+        calls.append(path)
+        return 1024 if len(calls) >= 3 else real(path)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fsutil, "free_bytes", free)
+    try:
+        with pytest.raises(UserError) as e:
+            run(base_args(shared_databin(), save, "--save-interval-updates", "2", "--disable-validation",
+                          max_update=6))
+    finally:
+        mp.undo()
+    return save, str(e.value), ckpt.list_steps(save)
+
+
+def test_disk_full_at_a_save_is_one_line_and_keeps_the_previous_checkpoint(disk_full_run):
+    save, message, steps = disk_full_run
+    assert message.startswith(f"not enough disk space for the checkpoint of update 6 in {save}: it needs about ")
+    assert message.endswith(f"(the previous checkpoint {save / '4'} is kept)") and "\n" not in message
+    assert steps == [2, 4] and not [p for p in save.iterdir() if "tmp" in p.name]
+    assert all((save / str(u) / "m11b_manifest.json").is_file() for u in steps)
+
+
+def test_write_error_in_the_background_is_one_line(tmp_path):
+    from m11b_jax.checkpoint import Checkpointer
+
+    saver = Checkpointer(tmp_path / "run")
+    saver._pending = [8]
+
+    def fail():
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "8.orbax-checkpoint-tmp"))
+        except OSError as e:
+            raise RuntimeError("orbax: 1 of 12 writes failed") from e
+
+    saver._mgr.wait_until_finished = fail
+    with pytest.raises(UserError, match=r"^writing the checkpoint of update 8 in .* failed: .*No space left on device "
+                                        r"\(the disk is full.*\(no earlier checkpoint was saved\)$"):
+        saver.wait()
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(disk_full_run, tmp_path):
+    import shutil
+
+    from m11b_jax import checkpoint as ckpt
+
+    src = disk_full_run[0]
+    save = tmp_path / "run"
+    shutil.copytree(src, save)
+    assert ckpt.find_restore_point(save, "checkpoint_last") == (save, 4)
+    flip_a_byte(save / "4")
+    notes = []
+    assert ckpt.find_restore_point(save, "checkpoint_last", log=notes.append) == (save, 2)
+    assert "does not match its checksum" in notes[0] and f"checkpoint {save / '4'} is damaged" in notes[0]
+    assert notes[1] == f"| resuming from {save / '2'}, the newest intact checkpoint"
+    assert not (save / "4").exists() and len(list(save.glob("damaged-4-*"))) == 1  # set aside, not deleted
+
+    with pytest.raises(UserError, match=r"--restore-file .*damaged-4-\d+: no checkpoint there"):
+        ckpt.find_restore_point(save, str(next(save.glob("damaged-4-*"))))
+    victim = next(p for p in (save / "2" / "state").rglob("*") if p.is_file() and p.stat().st_size > 100)
+    victim.write_bytes(victim.read_bytes()[:50])  # truncated
+    with pytest.raises(UserError, match=r"--restore-file 2: checkpoint .*/2 is damaged \(state/.* has 50 bytes"):
+        ckpt.find_restore_point(save, "2")
+    with pytest.raises(UserError, match=r"^no intact checkpoint in .*: the newest, update 2, is damaged .*pass "
+                                        r"--restore-file with a checkpoint you trust"):
+        ckpt.find_restore_point(save, "checkpoint_last")
+
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    shutil.rmtree(other / "4" / "state")
+    notes = []
+    assert ckpt.find_restore_point(other, "checkpoint_last", log=notes.append) == (other, 2)
+    assert "its state directory is missing" in notes[0]
+    (other / "2" / "m11b_manifest.json").unlink()
+    with pytest.raises(UserError, match="no m11b_manifest.json: the save never finished"):
+        ckpt.find_restore_point(other, "2")
+    with pytest.raises(UserError, match=r"checkpoint .*/2 is damaged \(it has no m11b_manifest.json"):
+        params_io.load_training_checkpoint(other / "2", None, None, "float32")
+
+
+def test_second_trainer_on_a_save_dir_refuses_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
+    from m11b_jax import train
+    from train_fixtures import base_args, shared_databin
+
+    save = tmp_path / "run"
+    save.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from m11b_jax.fsutil import DirectoryLock; "
+                               f"DirectoryLock({str(save)!r}).acquire(); print('locked', flush=True); time.sleep(600)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = one_line_error(capsys, train.main, base_args(shared_databin(), save))
+        assert err == (f"error: --save-dir {save} is in use by another run (pid {holder.pid} on "
+                       f"{__import__('socket').gethostname()}, lock {save / '.lock'}): wait for it to finish or "
+                       "choose another --save-dir")
+    finally:
+        holder.kill()
+        holder.wait()
+    notes = []
+    with fsutil.DirectoryLock(save, log=notes.append):
+        assert notes == [f"| --save-dir {save}: took over a stale lock of a run that is gone "
+                         f"(pid {holder.pid} on {__import__('socket').gethostname()})"]
+    assert (save / ".lock").read_text() == ""  # released: empty, nothing to report next time
+    with fsutil.DirectoryLock(save, log=notes.append):
+        assert len(notes) == 1
+
+
+def test_memory_guard_refuses_the_11b_state_on_a_24_gib_host(tmp_path, capsys, monkeypatch):
+    """Before anything is allocated: 11B x (fp32 params + 2 Adam moments) over (4 data x 2 model) devices."""
+    import collections
+
+    import psutil
+
+    from m11b_jax import train
+    from train_fixtures import base_args, shared_databin
+
+    memory = collections.namedtuple("memory", "available")(24 * 2**30)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    argv = base_args(shared_databin(), tmp_path / "run", "--share-decoder-input-output-embed")
+    argv[argv.index("--arch") + 1] = "transformer_lm_megatron_11b"
+    err = one_line_error(capsys, train.main, argv)
+    assert err.startswith("error: transformer_lm_megatron_11b's train state (parameters + Adam moments) needs ")
+    need = float(err.split("needs ")[1].split(" GiB")[0])
+    assert 8 * 11.0e9 * 12 / 2 / 2**30 < need < 8 * 11.5e9 * 12 / 2 / 2**30  # 8 devices, each half the model
+    assert "24.0 GiB are available" in err and "--compile-only" in err and "--model-parallel-size" in err
+
+
+def test_finetune_takes_the_checkpoints_config_and_validate_at_start(tmp_path):
+    from m11b_jax.config import load_config
+    from m11b_jax.train import parse_args
+
+    cfg = load_config("tiny").replace(num_layers=3)
+    ckpt = save_params(init_params(cfg, make_mesh(2), logical_rules(), seed=1), tmp_path / "conv", cfg)
+    run = parse_args([str(tmp_path), "--finetune-from-model", str(ckpt), "--batch-size", "2", "--dropout", "0.0",
+                      "--validate-at-start"])
+    assert run.model == cfg.replace(dropout=0.0) and run.validate_at_start
+    with pytest.raises(UserError, match=r"--finetune-from-model .* holds no config.json .*give --arch"):
+        parse_args([str(tmp_path), "--finetune-from-model", str(tmp_path), "--batch-size", "2"])

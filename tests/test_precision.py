@@ -281,7 +281,7 @@ def test_fp16_minimum_loss_scale_stops_and_keeps_last_good_checkpoint(data, tmp_
     args[args.index("--lr") + 1] = "1e30"
     args[args.index("--warmup-updates") + 1] = "0"
     with pytest.raises(UserError, match=r"^minimum loss scale reached \(--min-loss-scale 32\) after update 1: the loss "
-                                        r"is probably exploding; training stopped; the last good checkpoint is "
+                                        r"is probably exploding; training stopped; the last verified checkpoint is "
                                         r".*/1; lower --lr") as e:
         run(args)
     assert "\n" not in str(e.value)
