@@ -4,10 +4,10 @@ One update = one call of the jitted, sharded train step on [update_freq, global_
 runs one update ahead of the device: it dispatches update n+1 before reading update n's metrics, and only
 waits at log, validation and checkpoint points. Each update's loss and gradient norm are checked: a NaN or
 inf stops training with an error *before* anything from that update is saved, so the last checkpoint on disk
-is the last good one (and verified: see checkpoint.py). Under the fp16 policies a non-finite gradient norm is a loss-scale overflow instead: the
-step changed nothing but the scale (see train_step), its batch is consumed (like fairseq's), it does not count
-as an update, and the loop learns the true update count from each step's metrics; reaching --min-loss-scale
-stops training with an error.
+is the last good one (the error names it once its hashes are written: see checkpoint.py). Under the fp16 policies
+a non-finite gradient norm is a loss-scale overflow instead: the step changed nothing but the scale (see
+train_step), its batch is consumed (like fairseq's), it does not count as an update, and the loop learns the true
+update count from each step's metrics; reaching --min-loss-scale stops training with an error.
 
 Checkpoints (see `checkpoint.py`) hold the whole train state, the data position and the seed, so a resumed
 run's updates equal those of a run that never stopped (dropout keys derive from seed and update number).
@@ -301,7 +301,10 @@ class Trainer:
         before the failing update), so the checkpoint named is one that verifies."""
         last = None
         if self.saver is not None:
-            self.saver.wait()
+            try:
+                self.saver.wait()
+            except UserError:  # that save failed (e.g. a full disk): the divergence is the error to report
+                pass
             last = self.saver.last_verified
         return f"the last verified checkpoint is {self.save_dir / str(last)}" if last is not None else \
             "no checkpoint was saved"

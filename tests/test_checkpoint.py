@@ -72,6 +72,9 @@ def test_sigterm_saves_then_exits_0(data, tmp_path):
     assert meta["update"] == steps[0]
     assert d["epoch"] * (d["num_blocks"] // d["global_batch_size"]) + d["position"] == steps[0]  # batches consumed
     assert "stopped by SIGTERM" in out
+    # Committed before the exit: written and hashed; no temporary left; the --save-dir lock released.
+    assert ckpt.verify_step(save, steps[0]) is None
+    assert not [p for p in save.iterdir() if "tmp" in p.name] and (save / ".lock").read_text() == ""
 
 
 def test_restore_onto_another_mesh_and_keep_training(data, tmp_path):

@@ -36,6 +36,7 @@ from m11b_jax.errors import UserError
 from m11b_jax.fairseq_io import load_shard
 from m11b_jax.indexed_dataset import dtype_for_vocab, write_dataset
 from m11b_jax.params_io import save_params
+from m11b_jax.params_source import open_params_source
 from m11b_jax.param_tree import init_params
 from m11b_jax.sharding import logical_rules, make_mesh
 from m11b_jax.tokenizer import GPT2BPE, _merge_short
@@ -472,8 +473,33 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(disk_full_run, t
     (other / "2" / "m11b_manifest.json").unlink()
     with pytest.raises(UserError, match="no m11b_manifest.json: the save never finished"):
         ckpt.find_restore_point(other, "2")
-    with pytest.raises(UserError, match=r"checkpoint .*/2 is damaged \(it has no m11b_manifest.json"):
-        params_io.load_training_checkpoint(other / "2", None, None, "float32")
+    # Every other reader of training checkpoints refuses it too: eval_lm / generate / the API, convert / HF export.
+    for load in (lambda: params_io.load_checkpoint(other / "2", None, None, "float32"),
+                 lambda: open_params_source(other / "2")):
+        with pytest.raises(UserError, match=r"checkpoint .*/2 is damaged \(it has no m11b_manifest.json"):
+            load()
+
+
+def test_training_resumes_from_the_newest_intact_checkpoint(disk_full_run, tmp_path, capsys):
+    """The trainer's resume goes through the verification: a flipped byte in update 4 -> it resumes from 2, says so,
+    and saves a fresh, verified update 4 (the damaged one kept aside)."""
+    import shutil
+
+    from m11b_jax import checkpoint as ckpt
+    from m11b_jax.train import run
+    from train_fixtures import base_args, shared_databin
+
+    save = tmp_path / "run"
+    shutil.copytree(disk_full_run[0], save)
+    flip_a_byte(save / "4")
+    summary = run(base_args(shared_databin(), save, "--save-interval-updates", "2", "--disable-validation",
+                            max_update=4))
+    err = capsys.readouterr().err
+    assert f"| checkpoint {save / '4'} is damaged (state/" in err and "does not match its checksum" in err
+    assert f"| resuming from {save / '2'}, the newest intact checkpoint" in err
+    assert summary.start_update == 2 and summary.resumed_from == str(save / "2")
+    assert ckpt.list_steps(save) == [2, 4] and ckpt.verify_step(save, 4) is None
+    assert len(list(save.glob("damaged-4-*"))) == 1
 
 
 def test_second_trainer_on_a_save_dir_refuses_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
