@@ -183,12 +183,22 @@ def _sha256(path: pathlib.Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _hashes(step: pathlib.Path, names: list[str]) -> list[str]:
+    """SHA-256 of each file, several at once (hashlib releases the GIL: one core hashes ~0.3-1 GiB/s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda name: _sha256(step / name), names))
+
+
 def write_manifest(step: pathlib.Path) -> None:
     """Hash every file of a finished checkpoint into `step/m11b_manifest.json` (written atomically)."""
     from m11b_jax.textio import atomic_output
 
-    files = sorted(p for p in step.rglob("*") if p.is_file() and p.name != MANIFEST and ".tmp-" not in p.name)
-    entries = {str(p.relative_to(step)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    names = sorted(str(p.relative_to(step)) for p in step.rglob("*")
+                   if p.is_file() and p.name != MANIFEST and ".tmp-" not in p.name)
+    entries = {name: {"bytes": (step / name).stat().st_size, "sha256": digest}
+               for name, digest in zip(names, _hashes(step, names))}
     with atomic_output(step / MANIFEST) as f:
         f.write(json.dumps({"algorithm": "sha256", "files": entries}, indent=1, sort_keys=True) + "\n")
 
@@ -206,14 +216,16 @@ def verify_step(root: pathlib.Path, update: int) -> str | None:
         entries = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"its {MANIFEST} is unreadable ({type(e).__name__})"
-    for name, want in sorted(entries.items()):
+    names = sorted(entries)
+    for name in names:  # the cheap checks first
         path = step / name
         if not path.is_file():
             return f"{name} is missing"
         size = path.stat().st_size
-        if size != want["bytes"]:
-            return f"{name} has {size} bytes, {want['bytes']} were written"
-        if _sha256(path) != want["sha256"]:
+        if size != entries[name]["bytes"]:
+            return f"{name} has {size} bytes, {entries[name]['bytes']} were written"
+    for name, digest in zip(names, _hashes(step, names)):
+        if digest != entries[name]["sha256"]:
             return f"{name} does not match its checksum (the bytes changed after the save)"
     return None
 
