@@ -14,9 +14,9 @@ into place only when complete, so a process killed mid-save leaves the previous 
 Integrity: once orbax has finished writing a checkpoint, process 0 hashes every file of it (SHA-256) into
 `<update>/m11b_manifest.json`; only then does the checkpoint count as committed (`last_verified`). Before a
 restore the files are checked against the manifest: a damaged or unverified newest checkpoint is reported and
-moved aside (`damaged-<update>-<time>`, nothing deleted) and the newest intact one is used, named in the log;
-with no intact one, or a damaged `--restore-file`, the run stops with one line. Before each save the free space
-is compared with the state's size (a full disk is one line, the previous checkpoint kept).
+(by a single process) moved aside (`damaged-<update>-<time>`, nothing deleted), and the newest intact one is used,
+named in the log; with no intact one, or a damaged `--restore-file`, the run stops with one line. Before each
+save the free space is compared with the state's size (a full disk is one line, the previous checkpoint kept).
 
 Restore takes the *abstract* train state of the current mesh (`train_step.abstract_train_state`), so a
 checkpoint saved on one mesh shape restores onto another: orbax reads each device's slice.
