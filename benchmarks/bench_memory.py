@@ -37,7 +37,8 @@ FIT_SETTINGS = {
     "v4-16": (8, False, "full", "8 chips of 32 GiB: tensor parallelism over all 8, full remat"),
     "v5e-8": (8, False, "full", "8 chips of 16 GiB: every 8-chip layout shards the train state 8 ways"),
     "v5e-16": (8, True, "full", "16 chips of 16 GiB: model axis 8 x data axis 2 with FSDP (state sharded 16 ways)"),
-    "v5p-8": (4, False, "full", "4 chips of 95 GiB: tensor parallelism over all 4"),
+    "v5p-8": (4, False, "none", "4 chips of 95 GiB: tensor parallelism over all 4, room to keep every activation "
+                                "(no recompute)"),
     "v5p-16": (8, False, "none", "8 chips of 95 GiB: room to keep every activation (no recompute)"),
     "v6e-8": (8, False, "full", "8 chips of 32 GiB: as v4-16"),
 }

@@ -230,6 +230,34 @@ def dumps(report: dict) -> str:
     return json.dumps(report, indent=2)
 
 
+def compile_only_mesh(target: str | None, model_parallel_size: int):
+    """The mesh of an eval or decode `--compile-only` (call before JAX computes anything): one model-parallel
+    group (per-device memory is the same for every data-parallel replica) of simulated CPU devices or of the
+    GPUs `target` names, or the whole TPU slice it names (all its chips and hosts; this process itself then runs
+    on its CPU only, and libtpu describes the slice)."""
+    from m11b_jax import targets as T
+    from m11b_jax.runtime import backends_initialized, configure_cpu_devices, force_cpu_platform
+
+    if target is not None:
+        T.check_target(target)
+    if T.is_tpu(target):
+        force_cpu_platform()
+    if not backends_initialized():  # simulated CPU devices for the mesh (a GPU/TPU backend is unaffected)
+        configure_cpu_devices(max(jax.config.jax_num_cpu_devices, model_parallel_size))
+    return target_mesh(target, None if T.is_tpu(target) else model_parallel_size, model_parallel_size)
+
+
+def add_target_headroom(report: dict, target: str | None) -> dict:
+    """The compiled target's memory per device and the fraction the report's per-device total leaves free."""
+    report["target"] = target or report.get("target")
+    if target:
+        from m11b_jax.targets import memory_bytes
+
+        report["device_memory_gib"] = round(memory_bytes(target) / 2**30, 2)
+        report["headroom_fraction"] = round(1 - report["per_device_bytes"]["total"] / memory_bytes(target), 4)
+    return report
+
+
 def target_mesh(target: str | None, n_devices: int | None, model_parallel_size: int):
     """A (data, model) mesh of `n_devices` for an ahead-of-time compile: the GPUs named by `target` or the
     whole TPU slice it names (None: all its chips; no GPU or TPU needed, see m11b_jax.targets), or this host's

@@ -53,7 +53,7 @@ from m11b_jax.dictionary import Dictionary
 from m11b_jax.errors import UserError, cli_main
 from m11b_jax.indexed_dataset import MMapIndexedDataset, split_prefix
 from m11b_jax.params_io import EVAL_DTYPES, eval_config, load_checkpoint
-from m11b_jax.runtime import backends_initialized, configure_cpu_devices, retain_host_memory_on_cpu
+from m11b_jax.runtime import retain_host_memory_on_cpu
 from m11b_jax.score_step import default_attention_chunk, default_passes, make_score_step, matmul_precision
 from m11b_jax.textio import atomic_output
 
@@ -494,33 +494,16 @@ def setup_devices(args) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.compile_only:
-        from m11b_jax.runtime import force_cpu_platform
-        from m11b_jax.targets import check_target, is_tpu
-
-        if args.target:
-            check_target(args.target)
-        if is_tpu(args.target):
-            force_cpu_platform()  # the slice is described by libtpu; this process itself needs only its CPU
-        # Simulated CPU devices for the mesh when JAX has not started yet (a GPU/TPU backend is unaffected).
-        if not backends_initialized():
-            configure_cpu_devices(max(jax.config.jax_num_cpu_devices, args.model_parallel_size))
-
         cfg = eval_config(load_config(args.arch), args.dtype)
         cfg.validate(args.model_parallel_size, tokens_per_sample=args.tokens_per_sample)
         ContextWindows(1, args.tokens_per_sample, args.context_window)  # the flags' one-line errors
-        # One model-parallel group: per-device memory is the same for every data-parallel replica. A TPU
-        # slice compiles whole (all its chips and hosts; --batch-size is per data-parallel replica).
-        n = None if is_tpu(args.target) else args.model_parallel_size
-        mesh = aot.target_mesh(args.target, n, args.model_parallel_size)
+        # A TPU slice compiles whole (all its chips and hosts; --batch-size is per data-parallel replica).
+        mesh = aot.compile_only_mesh(args.target, args.model_parallel_size)
         report = aot.compile_eval_report(cfg, mesh, batch_size=args.batch_size,
                                          tokens_per_sample=args.tokens_per_sample, context_window=args.context_window,
                                          attention_chunk=args.attention_chunk, passes=args.passes)
-        report["target"] = args.target or mesh.devices.flat[0].platform
-        if args.target:
-            from m11b_jax.targets import memory_bytes
-
-            report["device_memory_gib"] = round(memory_bytes(args.target) / 2**30, 2)
-            report["headroom_fraction"] = round(1 - report["per_device_bytes"]["total"] / memory_bytes(args.target), 4)
+        report["target"] = mesh.devices.flat[0].platform
+        aot.add_target_headroom(report, args.target)
         print(json.dumps(report, indent=2))
         return
     if args.data is None or args.path is None:

@@ -4,7 +4,7 @@
         [--max-new-tokens N] [--sampling --temperature T --top-k K --top-p P --seed S] [--beam N --lenpen L]
         [--batch-size B] [--model-parallel-size N] [--dtype float32|bfloat16] [--json]
     python -m m11b_jax.generate --compile-only --arch transformer_lm_megatron_11b [--model-parallel-size 8]
-        [--dtype bfloat16] [--batch-size 8] [--cache-len 1024] [--target h100]
+        [--dtype bfloat16] [--batch-size 8] [--cache-len 1024] [--target h100|v5e-8|...]
 
 One prompt per input line. Text prompts are GPT-2 BPE-encoded, mapped through the checkpoint's dict.txt and
 prefixed with `</s>`; with --prompt-ids each line is whitespace-separated dictionary ids, used exactly as given.
@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--compile-only", action="store_true")
     aot.add_argument("--arch", default="transformer_lm_megatron_11b", help="config name in configs/ or a JSON path")
     aot.add_argument("--cache-len", type=int, default=1024, help="cache columns (default %(default)s)")
-    aot.add_argument("--target", help="compile for this GPU (h100, h200, a100) instead of this host's devices")
+    aot.add_argument("--target", help="compile for this GPU (h100, h200, a100; needs the cuda-aot extra) or whole TPU "
+                                      "slice (v4-8 ... v6e-8, see m11b_jax.targets; needs the tpu-aot extra) instead "
+                                      "of this host's devices")
     return p
 
 
@@ -106,25 +108,23 @@ def compile_only_report(cfg, mesh, *, batch_size: int, cache_len: int) -> dict:
 
 
 def _compile_only(args) -> None:
-    import jax
-
+    from m11b_jax import aot
     from m11b_jax.config import load_config
-    from m11b_jax.runtime import backends_initialized, configure_cpu_devices
 
     mp = args.model_parallel_size or 1
-    if not backends_initialized():
-        configure_cpu_devices(max(jax.config.jax_num_cpu_devices, mp))
-    from m11b_jax.aot import target_mesh
-
     cfg = load_config(args.arch).replace(param_dtype=args.dtype, compute_dtype=args.dtype, dropout=0.0,
                                          attention_dropout=0.0)
     cfg.validate(mp)
     if args.cache_len > cfg.max_positions:
         raise UserError(f"--cache-len {args.cache_len} exceeds the model's {cfg.max_positions} positions")
-    mesh = target_mesh(args.target, mp, mp)
-    report = compile_only_report(cfg, mesh, batch_size=args.batch_size, cache_len=args.cache_len)
-    report["target"] = args.target or mesh.devices.flat[0].platform
-    print(json.dumps(report, indent=2))
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be >= 1")
+    # A TPU slice compiles whole: --batch-size rows per data-parallel replica of --model-parallel-size chips.
+    mesh = aot.compile_only_mesh(args.target, mp)
+    batch = args.batch_size * mesh.shape["data"]
+    report = compile_only_report(cfg, mesh, batch_size=batch, cache_len=args.cache_len)
+    report["target"] = mesh.devices.flat[0].platform
+    print(json.dumps(aot.add_target_headroom(report, args.target), indent=2))
 
 
 @cli_main
