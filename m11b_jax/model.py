@@ -79,7 +79,7 @@ def _dense(features, axes, cfg: ModelConfig, name: str, inits, dot_general=None)
 def _projection(x: jax.Array, features: int, axes, cfg: ModelConfig, name: str, column_parallel: bool) -> jax.Array:
     """`_dense` for one of a layer's projections, through the `dot_general` config `weight_grad_impl` picks."""
     inits = projection_inits(cfg.init, name, x.shape[-1], features)
-    return _dense(features, axes, cfg, name, inits, dot_general=projection_dot_general(cfg, column_parallel))(x)
+    return _dense(features, axes, cfg, name, inits, dot_general=projection_dot_general(cfg, column_parallel, axes))(x)
 
 
 def _layer_norm(cfg: ModelConfig, name: str):

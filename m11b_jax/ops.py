@@ -2,9 +2,9 @@
 attention kernel, `attention_impl="manual"`). Each computes the same function as the plain JAX expression it
 replaces; the measured effect of each is in benchmarks/RESULTS.md.
 
-* `projection_dot_general(cfg, column_parallel)`: the `dot_general` a layer's projection runs, chosen by
-  `cfg.weight_grad_impl` ("flat" / "transposed"): the weight gradient as one 2-D product over the flattened
-  token axes instead of autodiff's 3-D contraction.
+* `projection_dot_general(cfg, column_parallel, kernel_axes)`: the `dot_general` a layer's projection runs,
+  chosen by `cfg.weight_grad_impl` ("flat" / "transposed"): the weight gradient as one 2-D product over the
+  flattened token axes instead of autodiff's 3-D contraction. Under --fsdp: `sharding.fsdp_matmul` instead.
 * `keep_mask_16bit` / `dropout_16bit`: dropout drawing 16 random bits per element instead of 32.
 """
 
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m11b_jax import sharding
 from m11b_jax.config import MATMUL_SAVING_POLICIES, ModelConfig
 
 
@@ -75,7 +77,25 @@ def _flat_weight_grad_dot_general(lhs, rhs, dimension_numbers, precision=None, p
     return matmul_flat_weight_grad(lhs, rhs, transposed)
 
 
-def projection_dot_general(cfg: ModelConfig, column_parallel: bool):
+def projection_dot_general(cfg: ModelConfig, column_parallel: bool, kernel_axes: tuple | None = None):
+    """The `dot_general` of one of a layer's projections: `_projection_product`'s; under --fsdp (when the table
+    being traced splits the kernel, logical axes `kernel_axes`, over `data`) `sharding.fsdp_matmul`, whose
+    weight gradient is reduce-scattered over `data`. Not under the remat policies that save matmul outputs
+    (a custom VJP hides the product from them): there the compiler gathers and reduces the weights itself."""
+    product = _projection_product(cfg, column_parallel)
+    if (kernel_axes is None or cfg.remat_policy in MATMUL_SAVING_POLICIES
+            or not sharding.fsdp_reduce_scatters(nn.get_logical_axis_rules())):
+        return product
+
+    def fsdp_product(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
+            raise ValueError(f"expected nn.Dense's dimension numbers, got {dimension_numbers}")
+        return sharding.fsdp_matmul(lhs, rhs, tuple(kernel_axes))
+
+    return fsdp_product
+
+
+def _projection_product(cfg: ModelConfig, column_parallel: bool):
     """The `dot_general` of one of a layer's projections (None: nn.Dense's own, differentiated by autodiff).
 
     weight_grad_impl="flat": the column-parallel projections (q/k/v, fc1), whose wide output gradient makes the

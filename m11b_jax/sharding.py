@@ -13,6 +13,7 @@ model: `m11b_jax.param_tree` applies this table to the model's parameter tree.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import Sequence
 
 import flax.linen as nn
@@ -120,3 +121,57 @@ def check_fsdp(cfg, mesh: Mesh) -> None:
     if cfg.d_model % data:
         raise UserError(f"--fsdp splits d_model={cfg.d_model} over the {data} data-parallel replicas: choose a "
                         f"--model-parallel-size that leaves a data axis dividing {cfg.d_model}, or drop --fsdp")
+
+
+def fsdp_active() -> bool:
+    """Whether the table being traced under splits weights over `data` (--fsdp)."""
+    return mesh_axes(EMBED, nn.get_logical_axis_rules()) is not None
+
+
+def _fsdp_gathered(w: jax.Array, kernel_axes: tuple) -> jax.Array:
+    """The kernel whole along `embed` (all-gathered over `data`), still split as the table says elsewhere."""
+    return nn.with_logical_constraint(w, tuple(ACTIVATION_EMBED if a == EMBED else a for a in kernel_axes))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def fsdp_matmul(x: jax.Array, w: jax.Array, kernel_axes: tuple) -> jax.Array:
+    """x [batch, ..., k] @ w [k, f] under --fsdp, w's `embed` axis stored split over `data` (ZeRO-3).
+
+    Forward: w is all-gathered over `data` (one layer's weight, inside the layer loop) and multiplied. Backward:
+    w is gathered again (not kept), and its gradient is each replica's own x^T g over its batch shard, summed
+    over `data` with a reduce-scatter (`lax.psum_scatter`) straight into the shard each replica stores. The
+    shard_map's specs come from the logical table: rows `batch`, x's and g's last axes the kernel's two."""
+    return jax.lax.dot_general(x, _fsdp_gathered(w, kernel_axes), (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _fsdp_matmul_fwd(x, w, kernel_axes):
+    return fsdp_matmul(x, w, kernel_axes), (x, w)
+
+
+def _fsdp_matmul_bwd(kernel_axes, residuals, g):
+    x, w = residuals
+    rules = nn.get_logical_axis_rules()
+    dx = jax.lax.dot_general(g, _fsdp_gathered(w, kernel_axes), (((g.ndim - 1,), (1,)), ((), ())))
+    # x's and g's last axes are the kernel's two, as activations (whole along d_model); rows split over data.
+    act = tuple(ACTIVATION_EMBED if a == EMBED else a for a in kernel_axes)
+    x_spec = spec((BATCH,) + (TP_LENGTH,) * (x.ndim - 2) + (act[0],), rules)
+    g_spec = spec((BATCH,) + (TP_LENGTH,) * (g.ndim - 2) + (act[1],), rules)
+    kernel = spec(kernel_axes, rules)
+
+    def local_weight_grad(x_, g_):  # this device's rows only; its shard of the summed gradient out
+        x2, g2 = x_.reshape(-1, x_.shape[-1]), g_.reshape(-1, g_.shape[-1])
+        dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
+        return jax.lax.psum_scatter(dw, DATA, scatter_dimension=list(kernel).index(DATA), tiled=True)
+
+    dw = jax.shard_map(local_weight_grad, in_specs=(x_spec, g_spec), out_specs=kernel)(x, g)
+    return dx, dw.astype(w.dtype)
+
+
+fsdp_matmul.defvjp(_fsdp_matmul_fwd, _fsdp_matmul_bwd)
+
+
+def fsdp_reduce_scatters(rules) -> bool:
+    """Whether `fsdp_matmul` applies under this table: weights split over `data` (--fsdp), the rows of a batch
+    over that same axis alone, and a block's tokens whole inside the tensor-parallel regions."""
+    return (mesh_axes(EMBED, rules) == DATA and mesh_axes(BATCH, rules) == DATA
+            and mesh_axes(TP_LENGTH, rules) is None)

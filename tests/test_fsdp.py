@@ -1,5 +1,6 @@
 """--fsdp: weights and Adam state also split over `data` (ZeRO-3 style). Same training as pure tensor
-parallelism, and the compiled step gathers each layer's weights inside the layer loop, never a whole stack."""
+parallelism, and the compiled step gathers each layer's weights inside the layer loop, never a whole stack, and
+reduce-scatters each layer's weight gradients there."""
 
 import re
 
@@ -78,6 +79,12 @@ def _dims(shape: str) -> list[int]:
     return [int(x) for x in shape[shape.index("[") + 1:-1].split(",") if x]
 
 
+def _one_layer(shape: str) -> str:
+    """'f32[1,128,32]' (one layer's slice of a stack, as XLA may gather it) or 'f32[128,32]' -> '[128,32]'."""
+    dims = _dims(shape)
+    return str(dims[1:] if len(dims) == 3 and dims[0] == 1 else dims).replace(" ", "")
+
+
 @pytest.fixture(scope="module")
 def fsdp_hlo():
     cfg = load_config("tiny", remat_policy="full", num_layers=LAYERS, dropout=0.0, attention_dropout=0.0)
@@ -94,14 +101,14 @@ def test_fsdp_gathers_each_layers_weights_inside_the_layer_loop(fsdp_hlo):
     layer_weights = {f"[{d},{f // mp}]", f"[{f // mp},{d}]", f"[{d},{d // mp}]", f"[{d // mp},{d}]"}
     bodies = set(aot.collectives(hlo, split_loops=True)["loop_bodies"])
     gathers = _collective_lines(hlo, "all-gather")
-    weight_gathers = [(c, s, g) for c, shapes, g in gathers for s in shapes if s[s.index("["):] in layer_weights]
+    weight_gathers = [(c, s, g) for c, shapes, g in gathers for s in shapes if _one_layer(s) in layer_weights]
     assert weight_gathers, "no layer weight is all-gathered: FSDP is not in effect"
     for comp, shape, group in weight_gathers:
         assert comp in bodies, f"layer weight {shape} gathered outside the layer loop ({comp})"
         assert group == DATA, f"{shape} gathered over {group} devices, not the data axis"
     # fc1 and fc2 are gathered in the forward loop and again in the backward loop (remat 'full' recomputes).
     for w in (f"[{d},{f // mp}]", f"[{f // mp},{d}]"):
-        assert len({c for c, s, _ in weight_gathers if s.endswith(w)}) == 2, w
+        assert len({c for c, s, _ in weight_gathers if _one_layer(s) == w}) == 2, w
     # Nothing gathered whole: no all-gather anywhere yields a stacked [layers, ...] weight (or its gradient).
     for comp, shapes, _ in gathers:
         for s in shapes:
@@ -109,18 +116,27 @@ def test_fsdp_gathers_each_layers_weights_inside_the_layer_loop(fsdp_hlo):
             assert not (len(dims) == 3 and dims[0] == LAYERS), f"a whole layer stack gathered: {s} in {comp}"
 
 
-def test_fsdp_reduces_each_layers_weight_gradients_inside_the_backward_loop(fsdp_hlo):
-    """Each layer's weight gradients are summed over the data axis in the backward loop, as they are produced
-    (XLA:CPU writes this reduce-scatter as an all-reduce plus this device's slice; TPU compiles are checked by
-    benchmarks/bench_memory.py), never as a whole [layers, ...] stack after the loop."""
+def test_fsdp_reduce_scatters_each_layers_weight_gradients_inside_the_backward_loop(fsdp_hlo):
+    """Each layer's weight gradients are summed over the data axis in the backward loop, as they are produced,
+    by a reduce-scatter into the shard each replica stores (sharding.fsdp_matmul): never all-reduced whole,
+    never as a whole [layers, ...] stack after the loop."""
     cfg, hlo = fsdp_hlo
     d, f, mp = cfg.d_model, cfg.ffn_dim, MODEL
     bodies = aot.collectives(hlo, split_loops=True)["loop_bodies"]
-    reduced = _collective_lines(hlo, "all-reduce") + _collective_lines(hlo, "reduce-scatter")
-    fc_grads = {f"[{d},{f // mp}]", f"[{f // mp},{d}]", f"[{d // DATA},{f // mp}]", f"[{f // mp},{d // DATA}]"}
-    found = [(c, s, g) for c, shapes, g in reduced for s in shapes if s[s.index("["):] in fc_grads]
-    assert found and all(c in bodies and g == DATA for c, s, g in found), found
-    for comp, shapes, _ in reduced:
+    scattered = _collective_lines(hlo, "reduce-scatter")
+    all_reduced = _collective_lines(hlo, "all-reduce")
+    # This device's shard of each projection's kernel: fc1, fc2, q/k/v, out_proj (d_model split over data).
+    shards = {"fc1": f"[{d // DATA},{f // mp}]", "fc2": f"[{f // mp},{d // DATA}]",
+              "qkv": f"[{d // DATA},{d // mp}]", "out_proj": f"[{d // mp},{d // DATA}]"}
+    for name, shard in shards.items():
+        found = [(c, g) for c, shapes, g in scattered for s in shapes if _one_layer(s) == shard]
+        assert found, f"{name}'s gradient {shard} is not reduce-scattered"
+        assert all(c in bodies and g == DATA for c, g in found), (name, found)
+    # A whole (gathered) kernel gradient is never all-reduced: the reduce-scatter replaced it.
+    whole = {f"[{d},{f // mp}]", f"[{f // mp},{d}]", f"[{d},{d // mp}]", f"[{d // mp},{d}]"}
+    for comp, shapes, _ in all_reduced:
+        assert not any(_one_layer(s) in whole for s in shapes), f"a whole weight gradient all-reduced: {shapes}"
+    for comp, shapes, _ in scattered + all_reduced:
         for s in shapes:
             dims = _dims(s)
             assert not (len(dims) == 3 and dims[0] == LAYERS), f"a whole stack of gradients reduced: {s} in {comp}"
