@@ -2,6 +2,7 @@
 described. The deviceless TPU compile itself needs libtpu (the `tpu-aot` extra, not installed in CI): it runs
 in benchmarks/bench_memory.py --targets."""
 
+import json
 import math
 import re
 import sys
@@ -73,3 +74,43 @@ def test_slice_size_is_the_slice_not_the_world_size_flag():
     with pytest.raises(UserError, match=r"--target v4-16 is a slice of 8 chips, not 16 devices: pass "
                                         r"--distributed-world-size 8 or omit it"):
         aot.target_mesh("v4-16", 16, 8)
+
+
+def test_generate_and_eval_compile_only_name_the_missing_tpu_extra(monkeypatch, capsys):
+    """`generate --compile-only --target SLICE` and eval_lm's share the compile-only mesh (aot.compile_only_mesh):
+    without libtpu both stop with train's one-line error naming the extra."""
+    from m11b_jax.eval_lm import main as eval_main
+    from m11b_jax.generate import main as generate_main
+
+    monkeypatch.setitem(sys.modules, "libtpu", None)
+    for cli, size in ((generate_main, ["--cache-len", "64"]), (eval_main, ["--tokens-per-sample", "64",
+                                                                            "--context-window", "32"])):
+        with pytest.raises(SystemExit) as e:
+            cli(["--compile-only", "--arch", "tiny", "--model-parallel-size", "8", "--target", "v5e-16", *size])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("error: --target v5e-16 compiles with libtpu") and "tpu-aot" in err
+    with pytest.raises(SystemExit):
+        generate_main(["--compile-only", "--arch", "tiny", "--cache-len", "64", "--target", "v9-8"])
+    assert "unknown --target 'v9-8'" in capsys.readouterr().err
+
+
+def test_generate_compile_only_compiles_the_whole_slice(monkeypatch, capsys):
+    """The decode step is compiled for every chip of the slice (--batch-size rows per data-parallel replica),
+    and the report reads the chip's HBM off the target table. The slice's chips are stood in for by this
+    process's 8 CPU devices (libtpu's own compile runs in benchmarks, not in CI)."""
+    import jax
+
+    from m11b_jax.generate import main as generate_main
+
+    described = []
+    monkeypatch.setattr(T, "tpu_slice_devices", lambda name: described.append(name) or jax.devices()[:8])
+    generate_main(["--compile-only", "--arch", "tiny", "--model-parallel-size", "4", "--dtype", "bfloat16",
+                   "--batch-size", "3", "--cache-len", "32", "--target", "v5e-8"])
+    report = json.loads(capsys.readouterr().out)
+    assert described == ["v5e-8"]
+    assert report["mesh"]["shape"] == {"data": 2, "model": 4} and report["batch_size"] == 6
+    assert report["target"] == "v5e-8" and report["device_memory_gib"] == 16.0
+    total = report["per_device_bytes"]["total"]
+    assert 0 < total and report["headroom_fraction"] == round(1 - total / 16 / 2**30, 4)
+    assert report["layer_body_collectives"] and report["cache_len"] == 32
