@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same output on any mesh")
     p.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
     p.add_argument("--lenpen", type=float, default=1.0, help="beam ranking: sum log-prob / length^lenpen")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default %(default)s; with "
+                   "--compile-only --target SLICE: per data-parallel replica)")
     p.add_argument("--model-parallel-size", type=int, default=None,
                    help="devices each layer is split over (default: as many as the devices and the model allow)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")

@@ -123,11 +123,6 @@ def check_fsdp(cfg, mesh: Mesh) -> None:
                         f"--model-parallel-size that leaves a data axis dividing {cfg.d_model}, or drop --fsdp")
 
 
-def fsdp_active() -> bool:
-    """Whether the table being traced under splits weights over `data` (--fsdp)."""
-    return mesh_axes(EMBED, nn.get_logical_axis_rules()) is not None
-
-
 def _fsdp_gathered(w: jax.Array, kernel_axes: tuple) -> jax.Array:
     """The kernel whole along `embed` (all-gathered over `data`), still split as the table says elsewhere."""
     return nn.with_logical_constraint(w, tuple(ACTIVATION_EMBED if a == EMBED else a for a in kernel_axes))
