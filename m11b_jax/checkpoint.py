@@ -25,6 +25,7 @@ checkpoint saved on one mesh shape restores onto another: orbax reads each devic
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -86,6 +87,7 @@ class Checkpointer:
         self.last_verified: int | None = self.last_saved if self.last_saved is not None and (
             self.directory / str(self.last_saved) / MANIFEST).is_file() else None
         self._pending: list[int] = []
+        self._need: int | None = None  # bytes the newest save needs on disk (for a write error's message)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -100,7 +102,7 @@ class Checkpointer:
         self._finalize()
         if update in self._mgr.all_steps():
             return False
-        self._check_space(update, state)
+        self._need = self._check_space(update, state)
         meta = dict(meta, update=int(update), meta_version=META_VERSION, saved_unix_time=time.time())
         try:
             self._mgr.save(update, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -112,7 +114,8 @@ class Checkpointer:
         _test_kill_during_save(update, self.directory)
         return True
 
-    def _check_space(self, update: int, state) -> None:
+    def _check_space(self, update: int, state) -> int:
+        """The bytes the save of `state` needs; a one-line error if the disk has less free."""
         import jax
 
         need = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state)) + (16 << 20)
@@ -121,14 +124,17 @@ class Checkpointer:
             raise UserError(f"not enough disk space for the checkpoint of update {update} in {self.directory}: it "
                             f"needs about {need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; free space or "
                             f"choose another --save-dir ({self._kept()})")
+        return need
 
     def _kept(self) -> str:
         return (f"the previous checkpoint {self.directory / str(self.last_verified)} is kept"
                 if self.last_verified is not None else "no earlier checkpoint was saved")
 
     def _write_error(self, update: int, e: BaseException) -> str:
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC and self._need is not None
         return (f"writing the checkpoint of update {update} in {self.directory} failed: "
-                f"{fsutil.os_error_message(e) if isinstance(e, OSError) else e} ({self._kept()})")
+                f"{fsutil.os_error_message(e) if isinstance(e, OSError) else e}"
+                + (f"; it needs about {self._need / 2**30:.2f} GiB free" if full else "") + f" ({self._kept()})")
 
     def _finalize(self) -> None:
         """Wait for the saves in flight, then hash each into its manifest (process 0): now it is committed."""
