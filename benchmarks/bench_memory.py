@@ -40,7 +40,8 @@ FIT_SETTINGS = {
     "v5p-8": (4, False, "none", "4 chips of 95 GiB: tensor parallelism over all 4, room to keep every activation "
                                 "(no recompute)"),
     "v5p-16": (8, False, "none", "8 chips of 95 GiB: room to keep every activation (no recompute)"),
-    "v6e-8": (8, False, "full", "8 chips of 32 GiB: as v4-16"),
+    "v6e-8": (4, True, "full", "8 chips of 32 GiB: model axis 4 x data axis 2 with FSDP (libtpu 0.0.42.1 crashes "
+                              "compiling v4-16's (1, 8) layout for v6e)"),
 }
 
 
