@@ -7,8 +7,9 @@ softmax in fp32, optional attention dropout on the probabilities), arranged for 
   instead of the [.., t, t] probabilities: out = (e @ v) / sum(e);
 * backward uses the flash-attention identity rowsum(dP * P) = rowsum(dO * O), a reduction over head_dim
   instead of over the key axis;
-* queries go in blocks (128 by default) and block i reads keys [0, end of block i) only: the causally masked
-  rest of each row is never computed (a quarter of the [t, t] work at t=256, 7/16 at t=1024);
+* queries go in blocks (config `attention_query_block`, 128 by default) and block i reads keys [0, end of
+  block i) only: the causally masked rest of each row is never computed (a quarter of the [t, t] work at
+  t=256, 7/16 at t=1024);
 * every product is a plain batched GEMM. The two products that contract the query axis (dK = dS^T Q,
   dV = P^T dO) are computed as (Q^T dS)^T and (dO^T P)^T with the small [t, head_dim] operand transposed;
   autodiff instead contracts the large [t, t] operand along its first axis, which XLA:CPU runs through a
@@ -48,9 +49,10 @@ def _at_b(a, b):
 
 
 def _blocks(t: int, query_block: int):
-    """(q_start, q_end) of each query block; block i sees keys [0, q_end) only (the rest is causally masked)."""
-    size = query_block if 0 < query_block < t and t % query_block == 0 else t
-    return [(i, i + size) for i in range(0, t, size)]
+    """(q_start, q_end) of each query block (the last one shorter when query_block does not divide t); block i
+    sees keys [0, q_end) only (the rest is causally masked)."""
+    size = query_block if 0 < query_block < t else t
+    return [(i, min(i + size, t)) for i in range(0, t, size)]
 
 
 def causal_allowed_at(key_mask, query_positions):
@@ -64,21 +66,25 @@ def causal_allowed_at(key_mask, query_positions):
 
 def causal_allowed(key_mask, q0: int, q1: int):
     """[b, 1, q1 - q0, q1] bool for queries q0..q1-1 and keys 0..q1-1: causal and not a pad key: the mask of this
-    module's blocks and scoring.py's chunks (model.py uses causal_allowed_at, the same rule at any positions)."""
+    module's blocks (model.py uses causal_allowed_at, the same rule at any positions)."""
     causal = jnp.arange(q0, q1)[:, None] >= jnp.arange(q1)[None, :]
     return causal[None, None] & key_mask[:, None, None, :q1]
 
 
 def _forward(q, k, v, key_mask, keep, keep_scale, query_block):
     outs, saved = [], []
+    # Queries that see no key at all (pads in a left-padded prefix) output 0 (not the autodiff path's mean over
+    # every value; fairseq gives NaN there). Nothing reads those positions.
+    sees_a_key = (jnp.cumsum(key_mask, axis=1) > 0)[:, None, :, None]
     for q0, q1 in _blocks(q.shape[2], query_block):
         allowed = causal_allowed(key_mask, q0, q1)
         s = jnp.where(allowed, _qk(q[:, :, q0:q1], k[:, :, :q1]).astype(jnp.float32), _NEG)
-        e = jnp.where(allowed, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
-        # A row's largest term is exp(0) = 1, so its sum is >= 1 unless it sees no key at all (a pad query in
-        # a left-padded prefix): such rows get 0 (not the autodiff path's mean over every value; fairseq
-        # gives NaN there). Nothing reads those positions.
-        inv_l = 1.0 / jnp.maximum(e.sum(axis=-1, keepdims=True), 1.0)
+        # e is exactly 0 at every masked score of a row that sees a key (exp(_NEG - max) underflows), with no
+        # second select over the [q, k] block: XLA:CPU fuses max, subtract and exp into one YNNPACK kernel, and a
+        # select there would cost another pass per consumer. A row that sees no key has e = 1 everywhere and
+        # inv_l = 0, so its output and every gradient through it are 0.
+        e = jnp.exp(s - s.max(axis=-1, keepdims=True))
+        inv_l = jnp.where(sees_a_key[:, :, q0:q1], 1.0 / e.sum(axis=-1, keepdims=True), 0.0)
         pe = e if keep is None else jnp.where(keep[:, :, q0:q1, :q1], e * keep_scale, 0.0)
         outs.append((_pv(pe.astype(q.dtype), v[:, :, :q1]).astype(jnp.float32) * inv_l).astype(q.dtype))
         saved.append((e, inv_l))
@@ -116,6 +122,6 @@ _core.defvjp(_forward, _backward)
 def causal_attention(q, k, v, key_mask, keep=None, keep_scale: float = 1.0, query_block: int = 128):
     """q (already scaled), k, v: [batch, heads, length, head_dim] in the compute dtype; key_mask [batch, length]
     (False at pads); keep: None or the attention-dropout keep mask [batch, heads, length, length] with
-    keep_scale = 1 / P(keep); query_block: queries per block (0 or a non-divisor of length: one block).
+    keep_scale = 1 / P(keep); query_block: queries per block (0: one block; the last block may be shorter).
     Returns [batch, heads, length, head_dim] in the compute dtype."""
     return _core(q, k, v, key_mask, keep, keep_scale, query_block)

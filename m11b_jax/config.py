@@ -55,6 +55,9 @@ class ModelConfig:
     # attention dropout; Pallas interpret mode on CPUs) or "cudnn" (jax.nn.dot_product_attention; bf16/fp16,
     # attention dropout 0). The same function either way (flash's dropout mask is a hash, not the others' draw).
     attention_impl: str = "autodiff"
+    # Queries per block of the "manual" attention: block i reads keys [0, end of block i) only, so the causally
+    # masked rest is never computed (eval_lm's --attention-chunk sets it for scoring).
+    attention_query_block: int = 128
     # Output projection + loss in training: "logits" (the model returns the [batch, length, V] logits and the
     # criterion takes them; the default, and the only choice with a model axis) or "fused"
     # (m11b_jax.loss.output_cross_entropy: one custom-VJP operation whose backward never forms the gradient of
@@ -110,6 +113,8 @@ class ModelConfig:
             raise UserError(f"unknown remat policy {self.remat_policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise UserError(f"unknown attention_impl {self.attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+        if self.attention_query_block < 1:
+            raise UserError(f"attention_query_block={self.attention_query_block} must be >= 1")
         if self.init not in INIT_RULES:
             raise UserError(f"unknown init {self.init!r}: choose one of {', '.join(INIT_RULES)}")
         if self.loss_impl not in LOSS_IMPLS:

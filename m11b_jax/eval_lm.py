@@ -28,7 +28,8 @@ original count is Megatron's word count of the untokenized-BPE text (`--orig-tok
 
 Windows are batched (`--batch-size` per data-parallel replica, right padding with `<pad>`), the model is
 laid out over a (data, model) mesh of all devices by `m11b_jax.sharding`'s table, and the step is
-compiled once (the last batch is padded with empty windows). The forward pass is `m11b_jax.scoring`.
+compiled once (the last batch is padded with empty windows). The forward pass is the model's own, with
+scoring's options (`m11b_jax.score_step`).
 """
 
 from __future__ import annotations

@@ -99,21 +99,25 @@ class SelfAttention(nn.Module):
 
     decode=True: keys and values also go into a `cache` collection [batch, cache_len, heads, head_dim] (created
     by `init` on a [batch, cache_len] input) at column `index`, and the queries attend to the whole cache;
-    key_mask is then the cache's [batch, cache_len] mask."""
+    key_mask is then the cache's [batch, cache_len] mask. query_index [batch, n] (scoring's last layer): queries
+    only at these positions, keys and values from every position."""
 
     cfg: ModelConfig
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool, index=0):
+    def __call__(self, x, key_mask, deterministic: bool, index=0, query_index=None):
         cfg = self.cfg
         b, t, d = x.shape
         h, hd = cfg.num_heads, cfg.head_dim
+        xq = x if query_index is None else jnp.take_along_axis(x, query_index[..., None], axis=1)
+        n = xq.shape[1]
+        fused = not self.decode and query_index is None  # every query of the sequence: the fused/blocked kernels
 
         def heads(y):
-            return nn.with_logical_constraint(y.reshape(b, t, h, hd), (BATCH, TP_LENGTH, HEADS, HEAD_DIM))
+            return nn.with_logical_constraint(y.reshape(b, y.shape[1], h, hd), (BATCH, TP_LENGTH, HEADS, HEAD_DIM))
 
-        q = _projection(x, d, (EMBED, HEADS), cfg, "q_proj", column_parallel=True)
+        q = _projection(xq, d, (EMBED, HEADS), cfg, "q_proj", column_parallel=True)
         q = heads(q * (hd ** -0.5))  # scaled after its bias
         k = heads(_projection(x, d, (EMBED, HEADS), cfg, "k_proj", column_parallel=True))
         v = heads(_projection(x, d, (EMBED, HEADS), cfg, "v_proj", column_parallel=True))
@@ -122,32 +126,32 @@ class SelfAttention(nn.Module):
             k, v = (self._cached(name, y, index) for name, y in (("key", k), ("value", v)))
 
         dropout = not deterministic and cfg.attention_dropout > 0
-        if cfg.attention_impl in ("flash", "cudnn") and not self.decode:  # fused GPU kernels (flash_attention.py)
+        if cfg.attention_impl in ("flash", "cudnn") and fused:  # fused GPU kernels (flash_attention.py)
             seed = dropout_seed(self.make_rng("dropout")) if dropout else None
             out = fused_attention(cfg.attention_impl, q, k, v, key_mask, seed, cfg.attention_dropout * dropout,
                                   (BATCH, TP_LENGTH, HEADS, HEAD_DIM))
             out = nn.with_logical_constraint(out, (BATCH, TP_LENGTH, HEADS, HEAD_DIM)).reshape(b, t, d)
             return _projection(out, d, (HEADS, EMBED), cfg, "out_proj", column_parallel=False)
-        if cfg.attention_impl == "manual" and not self.decode:
+        if cfg.attention_impl == "manual" and fused:
             keep, keep_scale = None, 1.0
             if dropout:
                 keep, keep_scale = keep_mask_16bit((b, h, t, t), cfg.attention_dropout, self.make_rng("dropout"))
             heads_major = lambda y: y.transpose(0, 2, 1, 3)  # noqa: E731  [b, t, h, hd] <-> [b, h, t, hd]
             out = heads_major(causal_attention(heads_major(q), heads_major(k), heads_major(v), key_mask, keep,
-                                               keep_scale))
+                                               keep_scale, cfg.attention_query_block))
             out = nn.with_logical_constraint(out, (BATCH, TP_LENGTH, HEADS, HEAD_DIM)).reshape(b, t, d)
             return _projection(out, d, (HEADS, EMBED), cfg, "out_proj", column_parallel=False)
 
         # Like fairseq in mixed precision: scores in the compute dtype, the softmax in fp32, probs cast back.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        allowed = causal_allowed_at(key_mask, index + jnp.arange(t))
+        allowed = causal_allowed_at(key_mask, index + jnp.arange(t) if query_index is None else query_index)
         # A finite minimum (not -inf) keeps fully masked rows (pad queries) finite.
         scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         if dropout:
             probs = dropout_16bit(probs, cfg.attention_dropout, self.make_rng("dropout"))
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        out = nn.with_logical_constraint(out, (BATCH, TP_LENGTH, HEADS, HEAD_DIM)).reshape(b, t, d)
+        out = nn.with_logical_constraint(out, (BATCH, TP_LENGTH, HEADS, HEAD_DIM)).reshape(b, n, d)
         return _projection(out, d, (HEADS, EMBED), cfg, "out_proj", column_parallel=False)
 
     def _cached(self, name: str, y, index):
@@ -187,14 +191,17 @@ class DecoderLayer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool, index=0):
+    def __call__(self, x, key_mask, deterministic: bool, index=0, query_index=None):
+        """query_index [batch, n]: the layer's output only at these positions (scoring's last layer)."""
         cfg = self.cfg
         cdt = jax_dtype(cfg.compute_dtype)
         residual = (BATCH, RESIDUAL_LENGTH, ACTIVATION_EMBED)
         x = nn.with_logical_constraint(x, residual)
 
         h = _layer_norm(cfg, "self_attn_layer_norm")(x).astype(cdt)
-        h = SelfAttention(cfg, self.decode, name="self_attn")(h, key_mask, deterministic, index)
+        h = SelfAttention(cfg, self.decode, name="self_attn")(h, key_mask, deterministic, index, query_index)
+        if query_index is not None:
+            x = jnp.take_along_axis(x, query_index[..., None], axis=1)
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         x = nn.with_logical_constraint(x + h.astype(x.dtype), residual)
 
@@ -275,12 +282,13 @@ class TransformerLM(nn.Module):
                                        (BATCH, RESIDUAL_LENGTH, ACTIVATION_EMBED))
         return x, key_mask, index
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """Tied output projection: hidden @ E^T, vocab-parallel (each model shard makes its vocab slice)."""
+    def logits(self, hidden: jax.Array, dtype=None) -> jax.Array:
+        """Tied output projection: hidden @ E^T, vocab-parallel (each model shard makes its vocab slice). dtype:
+        the logits' (default: the compute dtype; scoring asks for float32 accumulation)."""
         hidden, embed = self._output_operands(hidden)
         b, t, d = hidden.shape
         # One 2-D matmul: its weight gradient is a plain 2-D product too.
-        out = jnp.einsum("nd,vd->nv", hidden.reshape(b * t, d), embed)
+        out = jnp.einsum("nd,vd->nv", hidden.reshape(b * t, d), embed, preferred_element_type=dtype)
         return nn.with_logical_constraint(out.reshape(b, t, -1), (BATCH, TP_LENGTH, VOCAB))
 
     def _output_operands(self, hidden: jax.Array):

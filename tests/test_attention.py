@@ -27,7 +27,7 @@ def reference(q, k, v, key_mask, keep=None, keep_scale=1.0):
     return jnp.einsum("bhqk,bhkd->bhqd", p, v)
 
 
-@pytest.mark.parametrize("query_block", [0, 8, 16, 12])  # one block, 4 blocks, 2 blocks, a non-divisor (one block)
+@pytest.mark.parametrize("query_block", [0, 8, 16, 12])  # one block, 4 blocks, 2 blocks, 12+12+8
 @pytest.mark.parametrize("dropout", [False, True])
 def test_core_matches_autodiff_values_and_gradients(query_block, dropout):
     rng = np.random.default_rng(query_block)

@@ -2,7 +2,7 @@
 
 The reference below computes the rule directly from its statement (../shared/REFERENCE.md, eval_lm): one
 full PyTorch forward per window inputs[max(0, s - C) : e] with inputs = [eos] + stream, keeping only the
-block's targets. It shares no code with m11b_jax.eval_lm or m11b_jax.scoring.
+block's targets. It shares no code with m11b_jax.eval_lm or m11b_jax.score_step.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from m11b_jax.indexed_dataset import dtype_for_vocab, write_dataset
 from m11b_jax.model import TransformerLM
 from m11b_jax.param_tree import init_params
 from m11b_jax.params_io import save_params
-from m11b_jax.scoring import score_positions
+from m11b_jax.score_step import score_positions
 from m11b_jax.sharding import logical_rules, make_mesh
 from m11b_jax.train_step import OptimConfig, state_from_params, state_shardings
 from xglm_reference import xglm_from_params, xglm_logits
@@ -252,19 +252,28 @@ def test_error_tokens_per_sample_beyond_model_positions(tiny, capsys):
     assert "max_positions=64" in err
 
 
-@pytest.mark.parametrize("dtype, atol", [("float32", 2e-6), ("bfloat16", 0.1)])
-def test_scoring_matches_model_forward(dtype, atol):
-    """The eval forward (m11b_jax.scoring) gives TransformerLM's own log-probabilities: to fp32 rounding in
-    float32, and close in bfloat16 (where the two round differently)."""
+@pytest.mark.parametrize("dtype, atol, chunk, last_layer_only",
+                         [("float32", 1e-5, 7, True), ("float32", 1e-5, 16, False), ("bfloat16", 0.1, 16, True)])
+def test_scoring_options_match_model_forward(dtype, atol, chunk, last_layer_only):
+    """The scoring step's options of the one model (causal query chunks, incl. a ragged last chunk; the last
+    layer only at the scored positions) give plain TransformerLM(cfg)(tokens)'s log-probabilities: to fp32
+    rounding in float32, and close in bfloat16 (where the attention paths round differently). Right padding and
+    scored positions past a row's end (pad targets, 0) included."""
     cfg = CFG.replace(param_dtype=dtype, compute_dtype=dtype)
     params = init_params(cfg, make_mesh(1, jax.devices()[:1]), logical_rules(), seed=5)
     rng = np.random.default_rng(4)
-    tokens = jnp.asarray(rng.integers(4, 64, (2, 48)), jnp.int32)
-    targets = jnp.asarray(rng.integers(4, 64, (2, 8)), jnp.int32)
-    first = jnp.asarray([40, 10], jnp.int32)
-    got = np.asarray(score_positions(params, tokens, first, targets, cfg, attention_chunk=16))
+    tokens = jnp.asarray(rng.integers(4, 64, (2, 48)), jnp.int32).at[1, 30:].set(PAD)
+    targets = jnp.asarray(rng.integers(4, 64, (2, 8)), jnp.int32).at[0, 5:].set(PAD)  # row 0: 43..47 are pads
+    first = jnp.asarray([43, 10], jnp.int32)
+    got = np.array(score_positions(params, tokens, first, targets, cfg, attention_chunk=chunk,
+                                    last_layer_only=last_layer_only))
+    assert np.all(got[0, 5:] == 0)
+    got[0, 5:] = np.nan
     logp = jax.nn.log_softmax(TransformerLM(cfg).apply({"params": params}, tokens).astype(jnp.float32), -1)
-    want = np.stack([np.asarray(logp[r, int(first[r]) + np.arange(8), np.asarray(targets[r])]) for r in range(2)])
+    index = np.minimum(np.asarray(first)[:, None] + np.arange(8), 47)
+    want = np.stack([np.asarray(logp[r, index[r], np.asarray(targets[r])]) for r in range(2)])
+    want[0, 5:] = np.nan
+    assert np.all(want[~np.isnan(want)] < -1.0)  # real log-probs of a random model (vocab 64), not zeros
     np.testing.assert_allclose(got, want, atol=atol, rtol=0)
 
 
