@@ -12,7 +12,10 @@ into place only when complete, so a process killed mid-save leaves the previous 
 (the leftover temporary folder is removed by the next run).
 
 Integrity: once orbax has finished writing a checkpoint, process 0 hashes every file of it (SHA-256) into
-`<update>/m11b_manifest.json`; only then does the checkpoint count as committed (`last_verified`). Before a
+`<update>/m11b_manifest.json` in a background thread while training goes on; only then does the checkpoint
+count as committed (`last_verified`). The next save, `wait` and `close` join that thread first (its errors
+surface there as one line). Keep-last-N retention runs only after a checkpoint is committed, so the newest
+verified checkpoint is never deleted while a newer one is still being hashed. Before a
 restore the files are checked against the manifest: a damaged or unverified newest checkpoint is reported and
 (by a single process) moved aside (`damaged-<update>-<time>`, nothing deleted), and the newest intact one is used,
 named in the log; with no intact one, or a damaged `--restore-file`, the run stops with one line. Before each
@@ -30,7 +33,9 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -62,12 +67,13 @@ def is_step_dir(path: pathlib.Path) -> bool:
     return path.name.isdigit() and (path / "state").is_dir() and (path / "meta").exists()
 
 
-def _manager(directory: pathlib.Path, keep: int | None, read_only: bool = False):
+def _manager(directory: pathlib.Path, read_only: bool = False):
+    """orbax's manager; it never deletes old steps (Checkpointer.keep does, once a newer one is committed)."""
     import orbax.checkpoint as ocp
 
     directory = fsutil.resolve(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep and keep > 0 else None,
+        max_to_keep=None,
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=True,
@@ -81,12 +87,13 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, keep: int | None = None):
         self.directory = fsutil.resolve(directory)
-        self._mgr = _manager(self.directory, keep)
+        self.keep = keep if keep and keep > 0 else None  # --keep-interval-updates: the last N checkpoints
+        self._mgr = _manager(self.directory)
         self.last_saved: int | None = self._mgr.latest_step()
         # Committed (hashed) by an earlier run; the restore verified the one it resumed from.
         self.last_verified: int | None = self.last_saved if self.last_saved is not None and (
             self.directory / str(self.last_saved) / MANIFEST).is_file() else None
-        self._pending: list[int] = []
+        self._commit: tuple[int, threading.Thread, list] | None = None  # (update, thread, [its error]) in flight
         self._need: int | None = None  # bytes the newest save needs on disk (for a write error's message)
 
     def latest_step(self) -> int | None:
@@ -95,7 +102,8 @@ class Checkpointer:
     def save(self, update: int, state, meta: dict[str, Any]) -> bool:
         """Start an asynchronous save of `state` at `update`; False if that update is already saved.
 
-        The previous save is finished and verified first (orbax would wait for it anyway).
+        The previous save is finished and verified first (orbax would wait for it anyway); this one is written
+        and then hashed in the background (`_commit_in_background`).
         """
         import orbax.checkpoint as ocp
 
@@ -109,8 +117,8 @@ class Checkpointer:
                                                           meta=ocp.args.JsonSave(meta)), force=True)
         except OSError as e:
             raise UserError(self._write_error(update, e)) from None
-        self._pending.append(update)
         self.last_saved = update
+        self._commit_in_background(update)
         _test_kill_during_save(update, self.directory)
         return True
 
@@ -136,29 +144,56 @@ class Checkpointer:
                 f"{fsutil.os_error_message(e) if isinstance(e, OSError) else e}"
                 + (f"; it needs about {self._need / 2**30:.2f} GiB free" if full else "") + f" ({self._kept()})")
 
-    def _finalize(self) -> None:
-        """Wait for the saves in flight, then hash each into its manifest (process 0): now it is committed."""
-        if not self._pending:
-            return
+    def _commit_in_background(self, update: int) -> None:
+        """Start the thread that waits for orbax's background write of `update`, then hashes it into its manifest
+        (process 0) and applies retention: training goes on meanwhile. `_finalize` joins it."""
+        error: list = []
+        thread = threading.Thread(target=self._commit_job, args=(update, error), name=f"m11b-commit-{update}")
+        self._commit = (update, thread, error)
+        thread.start()
+
+    def _commit_job(self, update: int, error: list) -> None:
         import jax
 
         try:
             self._mgr.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of a full disk in its own errors
             cause = _os_error_in(e)
-            update = self._pending[-1]
-            self._pending = []
-            raise UserError(self._write_error(update, cause if cause is not None else e)) from None
-        for update in self._pending:
-            step = self.directory / str(update)
-            if jax.process_index() == 0 and is_step_dir(step):
-                try:
-                    write_manifest(step)
-                except OSError as e:
-                    self._pending = []
-                    raise UserError(self._write_error(update, e)) from None
-            self.last_verified = update
-        self._pending = []
+            error.append(self._write_error(update, cause if cause is not None else e))
+            return
+        step = self.directory / str(update)
+        if jax.process_index() != 0 or not is_step_dir(step):
+            return
+        try:
+            write_manifest(step)
+        except Exception as e:  # noqa: BLE001 - an OSError (a disk error) above all; reported at the join
+            error.append(self._write_error(update, e))
+            return
+        try:
+            self._retain(update)
+        except OSError as e:
+            error.append(f"removing old checkpoints in {self.directory} after update {update} failed: "
+                         f"{fsutil.os_error_message(e)} (the checkpoint {step} is saved and verified)")
+
+    def _retain(self, newest: int) -> None:
+        """--keep-interval-updates N: delete the checkpoints before the N newest, counted from `newest` (just
+        committed), so the newest verified checkpoint is never the one deleted. Process 0 only."""
+        if self.keep is None:
+            return
+        older = [u for u in step_dirs(self.directory) if u <= newest]
+        for update in older[:-self.keep]:
+            shutil.rmtree(self.directory / str(update))
+
+    def _finalize(self) -> None:
+        """Join the commit in flight (orbax's write, then the hashing): now that checkpoint is committed."""
+        if self._commit is None:
+            return
+        update, thread, error = self._commit
+        thread.join()
+        self._commit = None
+        if error:
+            raise UserError(error[0])
+        self.last_verified = update
 
     def wait(self) -> None:
         """Block until every pending save is committed (written and hashed)."""
@@ -356,7 +391,7 @@ def _restore_item(root: pathlib.Path, update: int, state_args):
     import orbax.checkpoint as ocp
 
     root = fsutil.resolve(root)  # orbax reads a relative path against another directory
-    mgr = _manager(root, None, read_only=True)
+    mgr = _manager(root, read_only=True)
     try:
         return mgr.restore(update, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, FileNotFoundError) as e:

@@ -146,3 +146,61 @@ def test_finetune_from_converted_params_then_resume(data, tmp_path, capsys):
     argv[argv.index("--arch") + 1] = str(other)
     with pytest.raises(UserError, match=r"is of another model \(num_layers 2 vs 3\)"):
         run(argv)
+
+
+def test_hashing_runs_in_the_background_while_training_goes_on(tmp_path, monkeypatch):
+    """A save returns at once and its checkpoint is hashed in a background thread while the next train step runs
+    (today's pre-change behaviour hashed it only at the next save, stalling the step loop); the next save joins it.
+    Retention (keep 1) never deletes the newest verified checkpoint while a newer one is still unhashed; an error
+    in the thread surfaces at the join as one line."""
+    import errno
+    import threading
+
+    import jax
+    import jax.numpy as jnp
+
+    started, release = threading.Event(), threading.Event()
+    fail = []
+    real = ckpt.write_manifest
+
+    def slow_write_manifest(step):
+        started.set()
+        if not release.wait(60):
+            raise OSError(errno.ETIMEDOUT, "test: the step loop never released the hashing")
+        if fail:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(step / "state"))
+        real(step)
+
+    monkeypatch.setattr(ckpt, "write_manifest", slow_write_manifest)
+    run_dir = tmp_path / "run"
+    saver = ckpt.Checkpointer(run_dir, keep=1)
+    state = {"w": jnp.arange(4096, dtype=jnp.float32), "b": jnp.ones((64,), jnp.float32)}
+    train_step = jax.jit(lambda s: jax.tree.map(lambda x: x * 0.5 + 1.0, s))
+
+    saver.save(1, state, {"note": "one"})
+    state = jax.block_until_ready(train_step(state))  # the next train step runs while update 1 is written/hashed
+    assert started.wait(30), "update 1 was not hashed while training went on"
+    assert saver.last_verified is None and not (run_dir / "1" / ckpt.MANIFEST).exists()  # not committed yet
+    release.set()
+
+    started.clear()
+    release.clear()
+    saver.save(2, state, {"note": "two"})  # joins update 1's hashing first: now it is committed
+    assert saver.last_verified == 1 and ckpt.verify_step(run_dir, 1) is None
+    state = jax.block_until_ready(train_step(state))
+    assert started.wait(30)
+    assert (run_dir / "1").is_dir() and ckpt.verify_step(run_dir, 1) is None  # kept while update 2 is unhashed
+    release.set()
+    saver.wait()
+    assert saver.last_verified == 2 and ckpt.step_dirs(run_dir) == [2] and ckpt.verify_step(run_dir, 2) is None
+
+    fail.append(True)
+    saver.save(3, state, {"note": "three"})
+    with pytest.raises(UserError) as e:
+        saver.wait()
+    message = str(e.value)
+    assert message.startswith(f"writing the checkpoint of update 3 in {run_dir} failed: ") and "\n" not in message
+    assert message.endswith(f"(the previous checkpoint {run_dir / '2'} is kept)")
+    assert saver.last_verified == 2 and ckpt.verify_step(run_dir, 2) is None
+    assert ckpt.verify_step(run_dir, 3) is not None  # never committed: a restore falls back to update 2
+    saver.close()

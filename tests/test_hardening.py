@@ -424,7 +424,7 @@ def test_write_error_in_the_background_is_one_line(tmp_path):
     from m11b_jax.checkpoint import Checkpointer
 
     saver = Checkpointer(tmp_path / "run")
-    saver._pending, saver._need = [8], 3 << 30  # update 8's save is in flight; it needs 3 GiB
+    saver._need = 3 << 30  # update 8's save needs 3 GiB
 
     def fail():
         try:
@@ -433,6 +433,7 @@ def test_write_error_in_the_background_is_one_line(tmp_path):
             raise RuntimeError("orbax: 1 of 12 writes failed") from e
 
     saver._mgr.wait_until_finished = fail
+    saver._commit_in_background(8)  # orbax's write of update 8 fails in the background: reported at the join
     with pytest.raises(UserError, match=r"^writing the checkpoint of update 8 in .* failed: .*No space left on device "
                                         r"\(the disk is full.*; it needs about 3.00 GiB free \(no earlier checkpoint was "
                                         r"saved\)$"):
