@@ -11,8 +11,9 @@ in the background while training goes on. orbax writes into `<update>.orbax-chec
 into place only when complete, so a process killed mid-save leaves the previous checkpoint as the latest
 (the leftover temporary folder is removed by the next run).
 
-Integrity: once orbax has finished writing a checkpoint, process 0 hashes every file of it (SHA-256) into
-`<update>/m11b_manifest.json` in a background thread while training goes on; only then does the checkpoint
+Integrity: once orbax has finished writing a checkpoint, every file of it is hashed (SHA-256) into
+`<update>/m11b_manifest.json` in a background thread while training goes on (one process hashes all; several
+split the files and process 0 merges their shares, `_split_manifest`); only then does the checkpoint
 count as committed (`last_verified`). The next save, `wait` and `close` join that thread first (its errors
 surface there as one line). Keep-last-N retention runs only after a checkpoint is committed, so the newest
 verified checkpoint is never deleted while a newer one is still being hashed. Before a
@@ -148,27 +149,44 @@ class Checkpointer:
         """Start the thread that waits for orbax's background write of `update`, then hashes it into its manifest
         (process 0) and applies retention: training goes on meanwhile. `_finalize` joins it."""
         error: list = []
-        thread = threading.Thread(target=self._commit_job, args=(update, error), name=f"m11b-commit-{update}")
+
+        def job():
+            try:
+                self._commit_job(update, error)
+            except Exception as e:  # noqa: BLE001 - never lost in the thread: reported at the join
+                error.append(self._write_error(update, e))
+
+        thread = threading.Thread(target=job, name=f"m11b-commit-{update}")
         self._commit = (update, thread, error)
         thread.start()
 
     def _commit_job(self, update: int, error: list) -> None:
         import jax
 
+        failed = None
         try:
             self._mgr.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of a full disk in its own errors
             cause = _os_error_in(e)
-            error.append(self._write_error(update, cause if cause is not None else e))
-            return
+            failed = self._write_error(update, cause if cause is not None else e)
         step = self.directory / str(update)
-        if jax.process_index() != 0 or not is_step_dir(step):
+        if jax.process_count() > 1:  # every process takes part, even after a failure (nobody waits in vain)
+            message = _split_manifest(step, update, failed=failed is not None)
+            if failed or message:
+                error.append(failed or self._write_error(update, message))
+            if jax.process_index() != 0 or error or not (step / MANIFEST).is_file():
+                return
+        elif failed:
+            error.append(failed)
             return
-        try:
-            write_manifest(step)
-        except Exception as e:  # noqa: BLE001 - an OSError (a disk error) above all; reported at the join
-            error.append(self._write_error(update, e))
+        elif not is_step_dir(step):
             return
+        else:
+            try:
+                write_manifest(step)
+            except Exception as e:  # noqa: BLE001 - an OSError (a disk error) above all; reported at the join
+                error.append(self._write_error(update, e))
+                return
         try:
             self._retain(update)
         except OSError as e:
@@ -232,16 +250,77 @@ def _hashes(step: pathlib.Path, names: list[str]) -> list[str]:
         return list(pool.map(lambda name: _sha256(step / name), names))
 
 
-def write_manifest(step: pathlib.Path) -> None:
-    """Hash every file of a finished checkpoint into `step/m11b_manifest.json` (written atomically)."""
+def _manifest_names(step: pathlib.Path) -> list[str]:
+    return sorted(str(p.relative_to(step)) for p in step.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and ".tmp-" not in p.name)
+
+
+def _entries(step: pathlib.Path, names: list[str]) -> dict:
+    return {name: {"bytes": (step / name).stat().st_size, "sha256": digest}
+            for name, digest in zip(names, _hashes(step, names))}
+
+
+def _write_entries(step: pathlib.Path, entries: dict, **extra) -> None:
     from m11b_jax.textio import atomic_output
 
-    names = sorted(str(p.relative_to(step)) for p in step.rglob("*")
-                   if p.is_file() and p.name != MANIFEST and ".tmp-" not in p.name)
-    entries = {name: {"bytes": (step / name).stat().st_size, "sha256": digest}
-               for name, digest in zip(names, _hashes(step, names))}
     with atomic_output(step / MANIFEST) as f:
-        f.write(json.dumps({"algorithm": "sha256", "files": entries}, indent=1, sort_keys=True) + "\n")
+        f.write(json.dumps({"algorithm": "sha256", "files": entries, **extra}, indent=1, sort_keys=True) + "\n")
+
+
+def write_manifest(step: pathlib.Path) -> None:
+    """Hash every file of a finished checkpoint into `step/m11b_manifest.json` (written atomically)."""
+    names = _manifest_names(step)
+    _write_entries(step, _entries(step, names), hashed_by={"0": len(names)})
+
+
+SPLIT_TIMEOUT_MS = 4 * 3600 * 1000  # how long process 0 waits for another process's share of the hashing
+
+
+def _split_manifest(step: pathlib.Path, update: int, failed: bool = False) -> str | None:
+    """Several processes: process 0 lists the checkpoint's files (orbax has renamed it into place on process 0)
+    and publishes the list through the coordination service's key-value store; each process hashes the files
+    whose index in the sorted list is its process index modulo the process count, and publishes its share;
+    process 0 merges the shares into the manifest. Every process always publishes (an error too), so nobody
+    waits for a process that failed (`failed`: orbax's write failed here). Returns what went wrong or None."""
+    import jax
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    me, count = jax.process_index(), jax.process_count()
+    key = f"m11b_manifest/{step.parent.name}/{update}"
+    if me == 0:
+        try:
+            names = _manifest_names(step) if is_step_dir(step) and not failed else None
+        except OSError as e:
+            client.key_value_set(f"{key}/names", json.dumps(None))
+            return fsutil.os_error_message(e)
+        client.key_value_set(f"{key}/names", json.dumps(names))
+    else:
+        names = json.loads(client.blocking_key_value_get(f"{key}/names", SPLIT_TIMEOUT_MS))
+    if names is None:
+        return None  # process 0 has nothing to hash (a failed write is reported by the process it failed on)
+    try:
+        if failed:
+            raise RuntimeError(f"orbax's write failed on process {me}")
+        share: dict = {"files": _entries(step, names[me::count])}
+    except Exception as e:  # noqa: BLE001 - a disk error above all: sent to process 0, reported here too
+        share = {"error": fsutil.os_error_message(e) if isinstance(e, OSError) else str(e)}
+    if me != 0:
+        client.key_value_set(f"{key}/part/{me}", json.dumps(share))
+        return share.get("error")
+    shares = [share] + [json.loads(client.blocking_key_value_get(f"{key}/part/{i}", SPLIT_TIMEOUT_MS))
+                        for i in range(1, count)]
+    for i, got in enumerate(shares):
+        if "error" in got:
+            return f"process {i} could not hash its share of the files: {got['error']}"
+    entries = {name: entry for got in shares for name, entry in got["files"].items()}
+    if sorted(entries) != names:
+        return "the processes' shares of the hashing do not cover the checkpoint's files"
+    try:
+        _write_entries(step, entries, hashed_by={str(i): len(got["files"]) for i, got in enumerate(shares)})
+    except OSError as e:
+        return fsutil.os_error_message(e)
+    return None
 
 
 def verify_step(root: pathlib.Path, update: int) -> str | None:

@@ -1,6 +1,7 @@
 """Two processes x 4 simulated CPU devices (gloo collectives over 127.0.0.1) train exactly like one process
 with 8 devices: same mesh (4, 2), same global batches, same per-update losses."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -46,3 +47,8 @@ def test_two_processes_match_one_process(tmp_path):
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([got[u] for u in range(1, 7)], [want[u] for u in range(1, 7)], rtol=1e-5)
     assert ckpt.list_steps(save) == [6]  # both processes wrote their shards of one checkpoint
+    # Both processes hashed a disjoint share of its files; process 0 merged them into one manifest that verifies.
+    manifest = json.loads((save / "6" / ckpt.MANIFEST).read_text())
+    assert ckpt.verify_step(save, 6) is None
+    assert sorted(manifest["hashed_by"]) == ["0", "1"] and min(manifest["hashed_by"].values()) > 0
+    assert sum(manifest["hashed_by"].values()) == len(manifest["files"])
