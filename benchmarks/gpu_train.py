@@ -46,13 +46,8 @@ def train_throughput(arch: str, policy: str, batch: int, rng_impl: str, steps: i
     ocfg = OptimConfig(lr=1e-4, warmup_updates=100)
     state = init_train_state(cfg, mesh, rules, ocfg)
     step = make_train_step(cfg, mesh, rules, ocfg, rng_impl=rng_impl)
-    t = cfg.max_positions
-    tok = np.random.default_rng(0).integers(4, cfg.vocab_size, (1, batch, t + 1)).astype(np.int32)
-    b = {"source": jax.device_put(tok[:, :, :-1]), "target": jax.device_put(tok[:, :, 1:])}
-    t0 = time.perf_counter()
-    state, m = step(state, b)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
+    b, t = _random_batch(cfg, batch)
+    state, m, compile_s = _first_step(step, state, b)
     state, m = step(state, b)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
@@ -60,13 +55,35 @@ def train_throughput(arch: str, policy: str, batch: int, rng_impl: str, steps: i
         state, m = step(state, b)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
-    flops = analytic_train_flops(cfg, batch, t)
-    peak = peak_flops(jax.devices()[0].device_kind)
-    mem = jax.devices()[0].memory_stats() or {}
     return {"part": "train_1.3b", "arch": arch, "remat_policy": policy, "batch": batch, "rng_impl": rng_impl,
-            "params": cfg.num_params(), "step_s": round(dt, 4), "tokens_per_s": round(batch * t / dt),
-            "mfu": round(flops / dt / peak, 4) if peak else None, "loss": float(m["loss"]),
-            "compile_s": round(compile_s, 1), "peak_mem_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 2)}
+            "params": cfg.num_params(), **_speed(cfg, batch, t, dt), "loss": float(m["loss"]),
+            "compile_s": round(compile_s, 1), "peak_mem_gib": _peak_mem_gib()}
+
+
+def _random_batch(cfg, batch: int):
+    """({"source", "target"} of one micro-batch [1, batch, T] of random ids on the device, T = max_positions)."""
+    t = cfg.max_positions
+    tok = np.random.default_rng(0).integers(4, cfg.vocab_size, (1, batch, t + 1)).astype(np.int32)
+    return {"source": jax.device_put(tok[:, :, :-1]), "target": jax.device_put(tok[:, :, 1:])}, t
+
+
+def _first_step(step, state, b):
+    """The first call (compile + one step): (state, metrics, its seconds)."""
+    t0 = time.perf_counter()
+    state, m = step(state, b)
+    jax.block_until_ready(m)
+    return state, m, time.perf_counter() - t0
+
+
+def _speed(cfg, batch: int, t: int, dt: float) -> dict:
+    """step_s, tokens_per_s and MFU (analytic FLOPs over the device's bf16 peak; None for an unknown device)."""
+    peak = peak_flops(jax.devices()[0].device_kind)
+    return {"step_s": round(dt, 4), "tokens_per_s": round(batch * t / dt),
+            "mfu": round(analytic_train_flops(cfg, batch, t) / dt / peak, 4) if peak else None}
+
+
+def _peak_mem_gib() -> float:
+    return round((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 2)
 
 
 def precision_step(arch: str, precision: str, batch: int, remat: str = "save_dots_no_batch", steps: int = 6) -> dict:
@@ -78,13 +95,8 @@ def precision_step(arch: str, precision: str, batch: int, remat: str = "save_dot
     scaler = LossScaleConfig(scale_window=2048) if pol.loss_scaling else None
     state = init_train_state(cfg, mesh, rules, ocfg, loss_scale=scaler)
     step = make_train_step(cfg, mesh, rules, ocfg, rng_impl="rbg", loss_scale=scaler)
-    t = cfg.max_positions
-    tok = np.random.default_rng(0).integers(4, cfg.vocab_size, (1, batch, t + 1)).astype(np.int32)
-    b = {"source": jax.device_put(tok[:, :, :-1]), "target": jax.device_put(tok[:, :, 1:])}
-    t0 = time.perf_counter()
-    state, m = step(state, b)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
+    b, t = _random_batch(cfg, batch)
+    state, m, compile_s = _first_step(step, state, b)
     overflows = 0
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -92,14 +104,10 @@ def precision_step(arch: str, precision: str, batch: int, remat: str = "save_dot
         overflows += int(float(m.get("overflow", 0.0)))  # a host read per step: the fp16 loop reads it too
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
-    peak = peak_flops(jax.devices()[0].device_kind)
-    mem = jax.devices()[0].memory_stats() or {}
     return {"part": "precision", "arch": arch, "precision": precision, "remat_policy": remat, "batch": batch,
-            "step_s": round(dt, 4), "tokens_per_s": round(batch * t / dt),
-            "mfu": round(analytic_train_flops(cfg, batch, t) / dt / peak, 4) if peak else None,
-            "loss": float(m["loss"]), "overflows": overflows, "loss_scale": float(m.get("loss_scale", 1.0)),
-            "update": int(m["update"]), "compile_s": round(compile_s, 1),
-            "peak_mem_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 2)}
+            **_speed(cfg, batch, t, dt), "loss": float(m["loss"]), "overflows": overflows,
+            "loss_scale": float(m.get("loss_scale", 1.0)), "update": int(m["update"]), "compile_s": round(compile_s, 1),
+            "peak_mem_gib": _peak_mem_gib()}
 
 
 def compile_11b(sp: bool, target: str) -> dict:
