@@ -292,7 +292,6 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     """Command line -> RunConfig, with every check that needs neither data nor devices."""
     from m11b_jax import precision as P
-    from m11b_jax.config import load_config
     from m11b_jax.train_step import OptimConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
